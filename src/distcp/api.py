@@ -1,0 +1,208 @@
+"""``save`` and ``load``: the DCP protocol, step by step, and nothing else.
+
+Save, on every rank unless noted: ``planner.set_up_planner`` →
+``writer.set_up_storage_writer`` → ``planner.create_local_plan`` →
+``writer.prepare_local_plan``; coordinator: ``planner.create_global_plan`` →
+``writer.prepare_global_plan``; every rank: ``planner.finish_plan`` →
+``writer.write_data``; coordinator, once every rank wrote: ``writer.finish`` (the commit).
+
+Load, on every rank unless noted: ``reader.read_metadata`` →
+``planner.set_up_planner`` → ``reader.set_up_storage_reader`` →
+``planner.create_local_plan`` → ``reader.prepare_local_plan``; coordinator:
+``planner.create_global_plan`` → ``reader.prepare_global_plan``; every rank:
+``planner.finish_plan`` → ``reader.read_data``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch.distributed as dist
+
+from distcp.distributed import Coordinator
+from distcp.filesystem.reader import FileSystemReader
+from distcp.filesystem.writer import FileSystemWriter
+from distcp.load_planner import DefaultLoadPlanner
+from distcp.metadata import STATE_DICT_TYPE, Metadata
+from distcp.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from distcp.save_planner import DefaultSavePlanner
+from distcp.stateful import Stateful
+from distcp.storage import StorageReader, StorageWriter, WriteResult
+
+__all__ = ["load", "load_state_dict", "save", "save_state_dict"]
+
+
+def save(
+    state_dict: STATE_DICT_TYPE,
+    *,
+    checkpoint_id: str | os.PathLike[str] | None = None,
+    storage_writer: StorageWriter | None = None,
+    planner: SavePlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+) -> Metadata:
+    """Save ``state_dict`` as a checkpoint; every rank of ``process_group`` calls it.
+
+    Each rank writes its own chunks (replicated items once, shared out across
+    ranks); the coordinator commits the metadata once every rank succeeded. If
+    any rank fails, nothing is committed, the checkpoint previously at the path
+    stays loadable, and every rank raises the same error.
+    """
+    writer = _storage(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
+    return _save(state_dict, writer, planner, process_group, no_dist, coordinator_rank=0)
+
+
+def load(
+    state_dict: STATE_DICT_TYPE,
+    *,
+    checkpoint_id: str | os.PathLike[str] | None = None,
+    storage_reader: StorageReader | None = None,
+    planner: LoadPlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+) -> None:
+    """Load a checkpoint into ``state_dict`` in place; every rank calls it.
+
+    Tensors are filled in place (their layout may differ from the saved one);
+    non-tensor values are replaced inside the caller's (nested) dict;
+    ``Stateful`` values get ``load_state_dict`` with what was loaded.
+    """
+    reader = _storage(storage_reader, checkpoint_id, FileSystemReader, "storage_reader")
+    _load(state_dict, reader, planner, process_group, no_dist, coordinator_rank=0)
+
+
+def save_state_dict(
+    state_dict: STATE_DICT_TYPE,
+    storage_writer: StorageWriter,
+    process_group: dist.ProcessGroup | None = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    planner: SavePlanner | None = None,
+) -> Metadata:
+    """The older entry point of :func:`save`, kept for DCP code that uses it."""
+    storage_writer.reset()
+    return _save(state_dict, storage_writer, planner, process_group, no_dist, coordinator_rank)
+
+
+def load_state_dict(
+    state_dict: STATE_DICT_TYPE,
+    storage_reader: StorageReader,
+    process_group: dist.ProcessGroup | None = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    planner: LoadPlanner | None = None,
+) -> None:
+    """The older entry point of :func:`load`, kept for DCP code that uses it."""
+    storage_reader.reset()
+    _load(state_dict, storage_reader, planner, process_group, no_dist, coordinator_rank)
+
+
+def _storage(given: Any, checkpoint_id: Any, default: type, name: str) -> Any:
+    if given is None:
+        if checkpoint_id is None:
+            raise ValueError(f"pass checkpoint_id (a directory) or a {name}")
+        return default(checkpoint_id)
+    given.reset(checkpoint_id)
+    return given
+
+
+def _coordinator(
+    process_group: dist.ProcessGroup | None, no_dist: bool, coordinator_rank: int
+) -> Coordinator:
+    if not no_dist and not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("a process_group was given but torch.distributed is not initialised")
+        warnings.warn(
+            "torch.distributed is not initialised; running as a single process (pass "
+            "no_dist=True to silence this)",
+            stacklevel=3,
+        )
+        no_dist = True
+    return Coordinator(process_group, no_dist=no_dist, coordinator_rank=coordinator_rank)
+
+
+def _save(
+    state_dict: STATE_DICT_TYPE,
+    writer: StorageWriter,
+    planner: SavePlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+    coordinator_rank: int,
+) -> Metadata:
+    ranks = _coordinator(process_group, no_dist, coordinator_rank)
+    planner = planner or DefaultSavePlanner()
+    resolved = _resolve_stateful(state_dict)
+    metadata_box: list[Metadata] = []
+
+    def local_plan() -> SavePlan:
+        planner.set_up_planner(resolved, writer.storage_meta(), ranks.is_coordinator)
+        writer.set_up_storage_writer(
+            ranks.is_coordinator, rank=ranks.rank, use_collectives=ranks.distributed
+        )
+        return writer.prepare_local_plan(planner.create_local_plan())
+
+    def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
+        all_plans, metadata = planner.create_global_plan(all_plans)
+        metadata_box.append(metadata)
+        return writer.prepare_global_plan(all_plans)
+
+    central_plan = ranks.reduce_scatter("planning the save", local_plan, global_plan)
+
+    def write() -> list[WriteResult]:
+        final_plan = planner.finish_plan(central_plan)
+        return writer.write_data(final_plan, planner).result()
+
+    def commit(results: list[list[WriteResult]]) -> Metadata:
+        writer.finish(metadata_box[0], results)
+        return metadata_box[0]
+
+    return ranks.all_reduce("writing the checkpoint", write, commit)
+
+
+def _load(
+    state_dict: STATE_DICT_TYPE,
+    reader: StorageReader,
+    planner: LoadPlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+    coordinator_rank: int,
+) -> None:
+    ranks = _coordinator(process_group, no_dist, coordinator_rank)
+    planner = planner or DefaultLoadPlanner()
+    resolved = _resolve_stateful(state_dict)
+
+    def local_plan() -> LoadPlan:
+        metadata = reader.read_metadata()
+        planner.set_up_planner(resolved, metadata, ranks.is_coordinator)
+        reader.set_up_storage_reader(metadata, ranks.is_coordinator)
+        return reader.prepare_local_plan(planner.create_local_plan())
+
+    def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
+        return reader.prepare_global_plan(planner.create_global_plan(all_plans))
+
+    central_plan = ranks.reduce_scatter("planning the load", local_plan, global_plan)
+
+    def read() -> None:
+        final_plan = planner.finish_plan(central_plan)
+        reader.read_data(final_plan, planner).result()
+
+    ranks.all_gather("reading the checkpoint", read)
+    for key, value in state_dict.items():
+        if _is_stateful(value):
+            value.load_state_dict(resolved[key])
+        else:  # a top-level value the planner replaced in the shallow copy
+            state_dict[key] = resolved[key]
+
+
+def _is_stateful(value: Any) -> bool:
+    return isinstance(value, Stateful) and not isinstance(value, type)
+
+
+def _resolve_stateful(state_dict: STATE_DICT_TYPE) -> STATE_DICT_TYPE:
+    """A shallow copy with each top-level Stateful replaced by its state_dict()."""
+    return {
+        key: value.state_dict() if _is_stateful(value) else value
+        for key, value in state_dict.items()
+    }

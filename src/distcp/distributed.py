@@ -1,0 +1,191 @@
+"""The coordinator: runs each collective step of save and load over a
+torch.distributed process group (or none), and turns a failure on any rank
+into the same error on every rank.
+
+Coordination uses object collectives over a CPU (gloo) group, so exchanging
+plans never allocates GPU memory even when the default group is NCCL.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
+
+import torch.distributed as dist
+
+from distcp.errors import CheckpointError, DistributedCheckpointError, RemoteError
+
+__all__ = ["Coordinator"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_cpu_groups: WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup] = WeakKeyDictionary()
+
+
+class _Failed:
+    """A rank's failure, as sent to the other ranks."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = _sendable(error)
+
+
+class Coordinator:
+    """One save or load's view of the ranks taking part.
+
+    With no process group (``no_dist=True``, or torch.distributed not
+    initialised) it runs every step locally, as rank 0 of 1.
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        no_dist: bool = False,
+        coordinator_rank: int = 0,
+    ) -> None:
+        self.distributed = not no_dist and dist.is_available() and dist.is_initialized()
+        if self.distributed:
+            group = process_group or dist.group.WORLD
+            assert group is not None
+            self.group = _cpu_group(group)
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
+        else:
+            self.rank, self.world_size = 0, 1
+        if not 0 <= coordinator_rank < self.world_size:
+            raise ValueError(
+                f"coordinator_rank {coordinator_rank} is not in a group of {self.world_size}"
+            )
+        self.coordinator_rank = coordinator_rank
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == self.coordinator_rank
+
+    def reduce_scatter(
+        self,
+        step: str,
+        local: Callable[[], T],
+        central: Callable[[list[T]], list[R]],
+    ) -> R:
+        """Every rank runs ``local``; the coordinator runs ``central`` on all the
+        results and each rank gets its own part back. A failure anywhere makes
+        every rank raise the same :class:`DistributedCheckpointError`."""
+        mine = _attempt(local)
+        if not self.distributed:
+            self._raise_if_failed(step, [mine])
+            return central([mine])[0]  # type: ignore[list-item]
+        gathered = self._gather(mine)
+        outgoing: list[Any] | None = None
+        if self.is_coordinator:
+            assert gathered is not None
+            failure = self._failure(step, gathered)
+            if failure is None:
+                results = _attempt(lambda: central(gathered))
+                if isinstance(results, _Failed):
+                    failure = _Failed(self._error(step, {self.rank: results.error}))
+                else:
+                    outgoing = list(results)
+            outgoing = outgoing if failure is None else [failure] * self.world_size
+        received = self._scatter(outgoing)
+        if isinstance(received, _Failed):
+            raise received.error
+        return received  # type: ignore[no-any-return]
+
+    def all_reduce(
+        self,
+        step: str,
+        local: Callable[[], T],
+        central: Callable[[list[T]], R],
+    ) -> R:
+        """Every rank runs ``local``; the coordinator runs ``central`` on all the
+        results and every rank gets its result. Failures as in ``reduce_scatter``."""
+        mine = _attempt(local)
+        if not self.distributed:
+            self._raise_if_failed(step, [mine])
+            return central([mine])  # type: ignore[list-item]
+        gathered = self._gather(mine)
+        outcome: Any = None
+        if self.is_coordinator:
+            assert gathered is not None
+            outcome = self._failure(step, gathered)
+            if outcome is None:
+                outcome = _attempt(lambda: central(gathered))
+                if isinstance(outcome, _Failed):
+                    outcome = _Failed(self._error(step, {self.rank: outcome.error}))
+        received = self._broadcast(outcome)
+        if isinstance(received, _Failed):
+            raise received.error
+        return received  # type: ignore[no-any-return]
+
+    def all_gather(self, step: str, local: Callable[[], T]) -> list[T]:
+        """Every rank runs ``local`` and gets everyone's results."""
+        return self.all_reduce(step, local, lambda results: results)
+
+    def _raise_if_failed(self, step: str, results: list[Any]) -> None:
+        failure = self._failure(step, results)
+        if failure is not None:
+            raise failure.error
+
+    def _failure(self, step: str, results: list[Any]) -> _Failed | None:
+        failures = {rank: r.error for rank, r in enumerate(results) if isinstance(r, _Failed)}
+        return _Failed(self._error(step, failures)) if failures else None
+
+    def _error(self, step: str, failures: dict[int, BaseException]) -> BaseException:
+        if not self.distributed:
+            (error,) = failures.values()
+            if isinstance(error, CheckpointError):
+                return error
+        return DistributedCheckpointError(step, failures)
+
+    def _gather(self, value: Any) -> list[Any] | None:
+        output = [None] * self.world_size if self.is_coordinator else None
+        dist.gather_object(value, output, group=self.group, group_dst=self.coordinator_rank)
+        return output
+
+    def _scatter(self, values: list[Any] | None) -> Any:
+        output: list[Any] = [None]
+        dist.scatter_object_list(output, values, group=self.group, group_src=self.coordinator_rank)
+        return output[0]
+
+    def _broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=self.coordinator_rank)
+        return box[0]
+
+
+def _attempt(function: Callable[[], T]) -> T | _Failed:
+    try:
+        return function()
+    except Exception as error:
+        return _Failed(error)
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling, else a :class:`RemoteError`
+    that keeps its type name, message and traceback."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return error
+    except Exception:
+        pass
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return RemoteError(type(error).__qualname__, str(error), trace)
+
+
+def _cpu_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A group over the same ranks that can run object collectives on CPU."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend:
+        return group
+    cached = _cpu_groups.get(group)
+    if cached is None:
+        ranks = dist.get_process_group_ranks(group)
+        cached = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        _cpu_groups[group] = cached
+    return cached

@@ -1,0 +1,172 @@
+"""The exceptions distcp raises.
+
+Every error is a :class:`CheckpointError`, which subclasses :class:`Exception`
+(torch DCP's ``CheckpointException`` subclasses ``BaseException`` and slips past
+``except Exception``). ``CheckpointException`` is the name DCP users catch, so it
+is kept as an alias of the base. Where a builtin fits, the error subclasses it
+too (a missing checkpoint is also a ``FileNotFoundError``).
+
+Messages name the key, rank and file involved and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointException",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DistributedCheckpointError",
+    "DtypeMismatchError",
+    "IncompleteCheckpointError",
+    "KeyMismatchError",
+    "PickleNotAllowedError",
+    "RemoteError",
+    "ShapeMismatchError",
+    "UnsupportedValueError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error distcp raises."""
+
+    @property
+    def failures(self) -> Mapping[int, BaseException]:
+        """Per-rank causes, as in DCP's ``CheckpointException.failures``; empty
+        for an error raised by this process alone."""
+        return {}
+
+
+CheckpointException = CheckpointError
+"""The name torch DCP users catch; every distcp error is one."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint at the given path."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """The checkpoint directory exists but holds no committed metadata: a save
+    into it never finished (or is still running)."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The metadata cannot be decoded, has an unknown version, or describes
+    something impossible (a path outside the checkpoint, a chunk outside its
+    tensor, overlapping chunks, a size that does not match dtype × shape)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Bytes on disk do not match what the metadata says: a checksum mismatch,
+    a truncated file, a byte range past a file's end."""
+
+    def __init__(self, message: str, *, file: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.file = file
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_corrupt, (str(self), self.file, self.offset))
+
+
+def _rebuild_corrupt(message: str, file: str | None, offset: int | None) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message, file=file, offset=offset)
+
+
+class KeyMismatchError(CheckpointError, KeyError):
+    """Keys requested by the caller are missing from the checkpoint."""
+
+    def __init__(self, missing: Sequence[str], unexpected: Sequence[str] = (), *, hint: str = ""):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        parts = []
+        if self.missing:
+            parts.append(f"missing from the checkpoint: {_key_list(self.missing)}")
+        if self.unexpected:
+            parts.append(f"not expected: {_key_list(self.unexpected)}")
+        message = "; ".join(parts) or "key mismatch"
+        if hint:
+            message += f". {hint}"
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_key_mismatch, (self.missing, self.unexpected, self.message))
+
+
+def _rebuild_key_mismatch(
+    missing: list[str], unexpected: list[str], message: str
+) -> KeyMismatchError:
+    error = KeyMismatchError(missing, unexpected)
+    error.message = message
+    error.args = (message,)
+    return error
+
+
+def _key_list(keys: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    more = len(keys) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+class ShapeMismatchError(CheckpointError, ValueError):
+    """A requested tensor's global shape differs from the saved one."""
+
+
+class DtypeMismatchError(CheckpointError, TypeError):
+    """A requested tensor's dtype cannot be filled from the saved dtype without
+    loss, and the caller did not allow casting."""
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A state-dict value has a type the pickle-free format cannot represent."""
+
+
+class PickleNotAllowedError(CheckpointError):
+    """A value needs pickle to be saved or loaded, and the caller did not opt in."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint exists at the path and overwriting was refused."""
+
+
+class RemoteError(CheckpointError):
+    """Stands in for an exception raised on another rank that could not be sent
+    as itself (it did not pickle). Keeps its type name, message and traceback."""
+
+    def __init__(self, type_name: str, message: str, traceback: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (RemoteError, (self.type_name, self.message, self.traceback))
+
+
+class DistributedCheckpointError(CheckpointError):
+    """One or more ranks failed in a collective step of save or load. Every rank
+    raises this same error; ``failures`` maps each failing rank to its cause."""
+
+    def __init__(self, step: str, failures: Mapping[int, BaseException]):
+        self.step = step
+        self._failures = dict(sorted(failures.items()))
+        causes = "\n".join(
+            f"  rank {rank}: {type(exc).__name__}: {exc}" for rank, exc in self._failures.items()
+        )
+        ranks = ", ".join(str(r) for r in self._failures)
+        super().__init__(f"{step} failed on rank(s) {ranks}:\n{causes}")
+
+    @property
+    def failures(self) -> Mapping[int, BaseException]:
+        return self._failures
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (DistributedCheckpointError, (self.step, self._failures))

@@ -1,0 +1,221 @@
+"""``FileSystemWriter``: writes each rank's items to its own data files and
+commits the checkpoint atomically (DESIGN §4)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distcp import knobs
+from distcp.errors import CheckpointError, CheckpointExistsError
+from distcp.filesystem.layout import (
+    METADATA_FILE_NAME,
+    data_file_name,
+    is_data_file_name,
+    is_temporary_metadata_name,
+    new_save_id,
+    temporary_metadata_name,
+    write_atomically,
+)
+from distcp.filesystem.tensor_bytes import block_checksums, host_bytes
+from distcp.metadata import Metadata, StorageInfo, StorageMeta
+from distcp.metadata_file import encode_metadata
+from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from distcp.storage import StorageWriter, WriteResult
+
+__all__ = ["FileSystemWriter"]
+
+
+@dataclass(frozen=True)
+class RankFiles:
+    """What the coordinator tells each rank in ``prepare_global_plan``: the save
+    id its file names carry, and its rank number in them."""
+
+    save_id: str
+    rank: int
+
+
+class FileSystemWriter(StorageWriter):
+    """Writes a checkpoint into a directory on a (shared) file system.
+
+    Args:
+        path: the checkpoint directory; created if missing.
+        single_file_per_rank: one data file per writer thread (True) or one per item.
+        sync_files: fsync data and metadata before the commit is reported.
+        thread_count: writer threads per rank.
+        per_thread_copy_ahead: bytes of device tensors each thread may stage
+            to host ahead of writing (accepted for DCP compatibility).
+        overwrite: replace a committed checkpoint at ``path``; with False, a save
+            into a committed checkpoint raises :class:`CheckpointExistsError`.
+        checksum_block_size: bytes covered by each crc32c checksum.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = knobs.DEFAULT_THREAD_COUNT,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        *,
+        checksum_block_size: int = knobs.CHECKSUM_BLOCK_SIZE,
+        **_ignored: Any,
+    ) -> None:
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be at least 1, got {thread_count}")
+        if checksum_block_size < 1:
+            raise ValueError(f"checksum_block_size must be positive, got {checksum_block_size}")
+        self.path = Path(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = thread_count
+        self.per_thread_copy_ahead = per_thread_copy_ahead
+        self.overwrite = overwrite
+        self.checksum_block_size = checksum_block_size
+        self.rank = 0
+        self.is_coordinator = False
+        self.save_id: str | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.save_id = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0))
+        if is_coordinator and not self.overwrite and (self.path / METADATA_FILE_NAME).exists():
+            raise CheckpointExistsError(
+                f"a committed checkpoint exists at {self.path} and overwrite=False; choose "
+                "another path or pass FileSystemWriter(path, overwrite=True)"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self.save_id = new_save_id()
+        return [
+            replace(plan, storage_data=RankFiles(self.save_id, rank))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        files = plan.storage_data
+        if not isinstance(files, RankFiles):
+            files = RankFiles(self.save_id or new_save_id(), self.rank)
+        self.save_id = files.save_id
+        buckets = self._buckets(plan.items)
+        names = [data_file_name(files.save_id, files.rank, n) for n in range(len(buckets))]
+        future: Future[list[WriteResult]] = Future()
+        try:
+            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-write") as pool:
+                parts = list(pool.map(self._write_file, names, buckets, [planner] * len(names)))
+        except BaseException:
+            for name in names:
+                (self.path / name).unlink(missing_ok=True)
+            raise
+        future.set_result([result for part in parts for result in part])
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        storage_data = {result.index: result.storage_data for part in results for result in part}
+        metadata.storage_data = storage_data
+        save_id = self.save_id or new_save_id()
+        payload = encode_metadata(metadata, save_id=save_id, world_size=len(results))
+        write_atomically(
+            self.path / METADATA_FILE_NAME,
+            payload,
+            temporary_metadata_name(save_id),
+            sync=self.sync_files,
+        )
+        referenced = {info.relative_path for info in storage_data.values()}
+        self._remove_superseded(referenced)
+
+    def _buckets(self, items: list[WriteItem]) -> list[list[WriteItem]]:
+        """Split items over files: per item, or over one file per thread with
+        the bytes balanced (largest first onto the lightest file)."""
+        if not self.single_file_per_rank:
+            return [[item] for item in items]
+        count = max(1, min(self.thread_count, len(items)))
+        buckets: list[list[WriteItem]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for item in sorted(items, key=_item_bytes, reverse=True):
+            lightest = loads.index(min(loads))
+            buckets[lightest].append(item)
+            loads[lightest] += _item_bytes(item)
+        return [bucket for bucket in buckets if bucket] or [[]]
+
+    def _write_file(
+        self, name: str, items: list[WriteItem], planner: SavePlanner
+    ) -> list[WriteResult]:
+        results = []
+        block = self.checksum_block_size
+        with open(self.path / name, "wb", buffering=knobs.WRITE_BUFFER_SIZE) as file:
+            position = 0
+            for item in items:
+                padding = -position % knobs.CHUNK_ALIGNMENT
+                if padding:
+                    file.write(bytes(padding))
+                    position += padding
+                data = _item_data(item, planner)
+                file.write(data)
+                info = StorageInfo(name, position, len(data), block_checksums(data, block), block)
+                results.append(WriteResult(item.index, len(data), info))
+                position += len(data)
+            file.flush()
+            if self.sync_files:
+                os.fsync(file.fileno())
+        return results
+
+    def _remove_superseded(self, referenced: set[str]) -> None:
+        """After a commit, delete data files no committed metadata references
+        (earlier saves, failed saves) and temporary metadata of crashed saves."""
+        for entry in os.scandir(self.path):
+            stale_data = is_data_file_name(entry.name) and entry.name not in referenced
+            if stale_data or is_temporary_metadata_name(entry.name):
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _item_bytes(item: WriteItem) -> int:
+    size = item.tensor_storage_size()
+    if size is not None:
+        return size
+    return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
+
+
+def _item_data(item: WriteItem, planner: SavePlanner) -> memoryview:
+    data = planner.resolve_data(item)
+    if item.type == WriteItemType.BYTE_IO:
+        if isinstance(data, torch.Tensor):
+            raise CheckpointError(
+                f"key {item.index.fqn!r}: resolve_data returned a tensor for a BYTE_IO item"
+            )
+        return data.getbuffer()
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError(
+            f"key {item.index.fqn!r}: resolve_data returned {type(data).__name__} for a tensor item"
+        )
+    view = host_bytes(data)
+    expected = item.tensor_storage_size()
+    if expected is not None and len(view) != expected:
+        raise CheckpointError(
+            f"key {item.index.fqn!r}: resolve_data returned {len(view)} bytes but the plan "
+            f"says {expected} (shape or dtype changed between planning and writing)"
+        )
+    return view

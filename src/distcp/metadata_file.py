@@ -1,0 +1,343 @@
+"""Encoding and decoding of the metadata file (``docs/format.md``, "Metadata file").
+
+The file is a fixed 24-byte header followed by a msgpack body::
+
+    0   8  magic   b"\\x89DCP\\r\\n\\x1a\\n"
+    8   4  format version, uint32 little-endian (1)
+    12  4  crc32c of the body, uint32 little-endian
+    16  8  body length in bytes, uint64 little-endian
+    24  …  body: a msgpack map (schema in docs/format.md)
+
+Decoding validates everything before anything is read from a data file:
+version, checksums, types, file names (plain names inside the checkpoint),
+chunk boxes (inside the global shape, no overlaps, tiling it exactly), byte
+lengths (dtype itemsize × numel), and that every byte range lies inside its
+file's recorded size. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import crc32c
+import msgpack
+import torch
+
+from distcp.dtypes import dtype_from_name, dtype_name
+from distcp.errors import CheckpointFormatError
+from distcp.geometry import Box, find_overlap
+from distcp.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from distcp.value_codec import decode_value, encode_value
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "decode_metadata", "encode_metadata", "is_safe_file_name"]
+
+MAGIC = b"\x89DCP\r\n\x1a\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIIQ")
+CHECKSUM_ALGORITHM = "crc32c"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+T = TypeVar("T")
+
+
+def is_safe_file_name(name: str) -> bool:
+    """A data file name must be a plain name inside the checkpoint directory:
+    no separators, no ``..``, no leading dot, no absolute path."""
+    return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
+
+
+def encode_metadata(metadata: Metadata, *, save_id: str, world_size: int) -> bytes:
+    """Encode ``metadata`` (whose ``storage_data`` maps every item to a
+    :class:`StorageInfo`) into the bytes of a metadata file."""
+    storage: Mapping[MetadataIndex, StorageInfo] = metadata.storage_data or {}
+    files: dict[str, int] = {}
+    file_sizes: list[int] = []
+    block_sizes = {info.checksum_block_size for info in storage.values()}
+    if len(block_sizes) > 1:
+        raise CheckpointFormatError(f"items use different checksum block sizes {block_sizes}")
+    block_size = block_sizes.pop() if block_sizes else 1 << 20
+
+    def location(key: str, index: MetadataIndex) -> dict[str, Any]:
+        info = storage.get(index)
+        if info is None:
+            raise CheckpointFormatError(
+                f"key {key!r}: item {index.offset} was planned but no storage wrote it"
+            )
+        file_number = files.setdefault(info.relative_path, len(files))
+        if file_number == len(file_sizes):
+            file_sizes.append(0)
+        file_sizes[file_number] = max(file_sizes[file_number], info.offset + info.length)
+        return {
+            "file": file_number,
+            "offset": info.offset,
+            "length": info.length,
+            "crc32c": list(info.checksums),
+        }
+
+    entries: list[dict[str, Any]] = []
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            chunks = [
+                {
+                    "offsets": list(chunk.offsets),
+                    "sizes": list(chunk.sizes),
+                    **location(key, MetadataIndex(key, chunk.offsets)),
+                }
+                for chunk in entry.chunks
+            ]
+            entries.append(
+                {
+                    "key": key,
+                    "type": "tensor",
+                    "dtype": dtype_name(entry.properties.dtype),
+                    "shape": list(entry.size),
+                    "requires_grad": bool(entry.properties.requires_grad),
+                    "chunks": chunks,
+                }
+            )
+        else:
+            entries.append({"key": key, "type": "value", **location(key, MetadataIndex(key))})
+
+    body = {
+        "save_id": save_id,
+        "created": time.time(),
+        "library": _library_version(),
+        "world_size": world_size,
+        "checksum": {"algorithm": CHECKSUM_ALGORITHM, "block_size": block_size},
+        "files": [{"name": name, "size": file_sizes[n]} for name, n in files.items()],
+        "entries": entries,
+        "planner_data": _encode_opaque(metadata.planner_data, "planner_data"),
+        "storage_meta": _encode_storage_meta(metadata.storage_meta),
+    }
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, crc32c.crc32c(payload), len(payload))
+    return header + payload
+
+
+def decode_metadata(data: bytes, *, source: str) -> tuple[Metadata, dict[str, int]]:
+    """Decode and validate a metadata file's bytes.
+
+    Returns the metadata and the size each data file must have. ``source``
+    (the file's path) is named in every error.
+    """
+    if len(data) < _HEADER.size or data[:8] != MAGIC:
+        raise CheckpointFormatError(
+            f"{source} is not a distcp metadata file (bad magic). If it is a torch DCP "
+            "checkpoint, load it with torch.distributed.checkpoint or convert it."
+        )
+    _, version, checksum, length = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{source} has format version {version}; this distcp reads version "
+            f"{FORMAT_VERSION}. Upgrade distcp to read it."
+        )
+    payload = data[_HEADER.size :]
+    if len(payload) != length:
+        raise CheckpointFormatError(
+            f"{source}: body is {len(payload)} bytes, header says {length} (truncated?)"
+        )
+    if crc32c.crc32c(payload) != checksum:
+        raise CheckpointFormatError(f"{source}: metadata checksum mismatch (corrupt metadata)")
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        raise CheckpointFormatError(f"{source}: metadata body does not decode: {exc}") from exc
+    return _MetadataDecoder(source).decode(body)
+
+
+class _MetadataDecoder:
+    """Checks a decoded body field by field, naming the field in every error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, message: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{self.source}: {message}")
+
+    def get(self, record: Any, name: str, kind: type[T] | tuple[type, ...], where: str) -> T:
+        if not isinstance(record, dict) or name not in record:
+            raise self.fail(f"{where}: missing field {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"{where}.{name}: expected {_kind_name(kind)}, got {value!r:.80}")
+        return value  # type: ignore[return-value]
+
+    def ints(self, record: Any, name: str, where: str, *, minimum: int = 0) -> list[int]:
+        values = self.get(record, name, list, where)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise self.fail(f"{where}.{name}: expected a list of integers")
+        if any(v < minimum for v in values):
+            raise self.fail(f"{where}.{name}: values below {minimum}: {values}")
+        return values
+
+    def decode(self, body: Any) -> tuple[Metadata, dict[str, int]]:
+        if not isinstance(body, dict):
+            raise self.fail("metadata body is not a map")
+        save_id = self.get(body, "save_id", str, "metadata")
+        checksum = self.get(body, "checksum", dict, "metadata")
+        algorithm = self.get(checksum, "algorithm", str, "checksum")
+        if algorithm != CHECKSUM_ALGORITHM:
+            raise self.fail(f"unknown checksum algorithm {algorithm!r}")
+        block_size = self.get(checksum, "block_size", int, "checksum")
+        if block_size <= 0:
+            raise self.fail(f"checksum block size must be positive, got {block_size}")
+
+        names: list[str] = []
+        sizes: dict[str, int] = {}
+        for n, record in enumerate(self.get(body, "files", list, "metadata")):
+            name = self.get(record, "name", str, f"files[{n}]")
+            size = self.get(record, "size", int, f"files[{n}]")
+            if not is_safe_file_name(name):
+                raise self.fail(
+                    f"files[{n}]: unsafe file name {name!r} (must stay inside the "
+                    "checkpoint directory: no '/', '..' or leading '.')"
+                )
+            if name in sizes or size < 0:
+                raise self.fail(f"files[{n}]: duplicate name or negative size for {name!r}")
+            names.append(name)
+            sizes[name] = size
+
+        state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+        storage: dict[MetadataIndex, StorageInfo] = {}
+
+        def place(record: Any, where: str) -> StorageInfo:
+            file_number = self.get(record, "file", int, where)
+            offset = self.get(record, "offset", int, where)
+            length = self.get(record, "length", int, where)
+            checksums = self.ints(record, "crc32c", where)
+            if not 0 <= file_number < len(names):
+                raise self.fail(f"{where}: file index {file_number} out of range")
+            name = names[file_number]
+            if offset < 0 or length < 0 or offset + length > sizes[name]:
+                raise self.fail(
+                    f"{where}: byte range [{offset}, {offset + length}) lies outside "
+                    f"file {name!r} of {sizes[name]} bytes"
+                )
+            if len(checksums) != -(-length // block_size) or any(c >= 1 << 32 for c in checksums):
+                raise self.fail(f"{where}: expected {-(-length // block_size)} crc32c values")
+            return StorageInfo(name, offset, length, tuple(checksums), block_size)
+
+        for n, record in enumerate(self.get(body, "entries", list, "metadata")):
+            key = self.get(record, "key", str, f"entries[{n}]")
+            where = f"key {key!r}"
+            if key in state:
+                raise self.fail(f"{where} appears twice")
+            kind = self.get(record, "type", str, where)
+            if kind == "value":
+                state[key] = BytesStorageMetadata()
+                storage[MetadataIndex(key)] = place(record, where)
+                continue
+            if kind != "tensor":
+                raise self.fail(f"{where}: unknown entry type {kind!r}")
+            dtype = self._dtype(self.get(record, "dtype", str, where), where)
+            shape = self.ints(record, "shape", where)
+            requires_grad = self.get(record, "requires_grad", bool, where)
+            chunks, boxes = [], []
+            for c, chunk in enumerate(self.get(record, "chunks", list, where)):
+                chunk_where = f"{where} chunk {c}"
+                offsets = self.ints(chunk, "offsets", chunk_where)
+                chunk_sizes = self.ints(chunk, "sizes", chunk_where)
+                box = self._box(offsets, chunk_sizes, shape, chunk_where)
+                info = place(chunk, chunk_where)
+                if info.length != box.numel * dtype.itemsize:
+                    raise self.fail(
+                        f"{chunk_where}: {info.length} bytes stored, but "
+                        f"{box.numel} × {dtype} needs {box.numel * dtype.itemsize}"
+                    )
+                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk_sizes)))
+                boxes.append(box)
+                storage[MetadataIndex(key, offsets)] = info
+            self._check_tiling(boxes, shape, where)
+            state[key] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype, requires_grad=requires_grad),
+                torch.Size(shape),
+                chunks,
+            )
+
+        metadata = Metadata(
+            state_dict_metadata=state,
+            planner_data=self._opaque(body.get("planner_data"), "planner_data"),
+            storage_data=storage,
+            storage_meta=self._storage_meta(body.get("storage_meta"), save_id),
+            version=str(FORMAT_VERSION),
+        )
+        return metadata, sizes
+
+    def _dtype(self, name: str, where: str) -> torch.dtype:
+        try:
+            return dtype_from_name(name)
+        except CheckpointFormatError as exc:
+            raise self.fail(f"{where}: {exc}") from None
+
+    def _box(self, offsets: list[int], sizes: list[int], shape: list[int], where: str) -> Box:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise self.fail(f"{where}: offsets/sizes do not match the {len(shape)}-d shape")
+        box = Box(tuple(offsets), tuple(sizes))
+        if any(end > dim for end, dim in zip(box.ends, shape, strict=True)):
+            raise self.fail(f"{where}: box {offsets}+{sizes} lies outside shape {shape}")
+        return box
+
+    def _check_tiling(self, boxes: list[Box], shape: list[int], where: str) -> None:
+        overlap = find_overlap(boxes)
+        if overlap is not None:
+            i, j = overlap
+            raise self.fail(f"{where}: chunks {i} and {j} overlap")
+        numel = Box.full(tuple(shape)).numel
+        if sum(box.numel for box in boxes) != numel:
+            raise self.fail(f"{where}: chunks do not cover the tensor's {numel} elements")
+
+    def _opaque(self, value: Any, name: str) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, bytes):
+            raise self.fail(f"{name}: expected bytes")
+        return decode_value(value, key=name)
+
+    def _storage_meta(self, value: Any, save_id: str) -> StorageMeta:
+        if value is None:
+            return StorageMeta(save_id=save_id)
+        if not isinstance(value, dict):
+            raise self.fail("storage_meta: expected a map")
+        checkpoint_id = value.get("checkpoint_id")
+        modules = value.get("modules", [])
+        if not isinstance(checkpoint_id, (str, type(None))) or not isinstance(modules, list):
+            raise self.fail("storage_meta: bad field types")
+        return StorageMeta(
+            checkpoint_id=checkpoint_id, save_id=save_id, modules=[str(m) for m in modules]
+        )
+
+
+def _encode_opaque(value: Any, name: str) -> bytes | None:
+    return None if value is None else encode_value(value, key=name)
+
+
+def _encode_storage_meta(meta: StorageMeta | None) -> dict[str, Any] | None:
+    if meta is None:
+        return None
+    checkpoint_id = None if meta.checkpoint_id is None else str(meta.checkpoint_id)
+    return {"checkpoint_id": checkpoint_id, "modules": list(meta.modules)}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _library_version() -> str:
+    from distcp import __version__
+
+    return f"distcp {__version__}"

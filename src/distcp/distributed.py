@@ -77,8 +77,7 @@ class Coordinator:
         every rank raise the same :class:`DistributedCheckpointError`."""
         mine = _attempt(local)
         if not self.distributed:
-            self._raise_if_failed(step, [mine])
-            return central([mine])[0]  # type: ignore[list-item]
+            return self._run_locally(step, mine, central)[0]  # type: ignore[no-any-return]
         gathered = self._gather(mine)
         outgoing: list[Any] | None = None
         if self.is_coordinator:
@@ -106,8 +105,7 @@ class Coordinator:
         results and every rank gets its result. Failures as in ``reduce_scatter``."""
         mine = _attempt(local)
         if not self.distributed:
-            self._raise_if_failed(step, [mine])
-            return central([mine])  # type: ignore[list-item]
+            return self._run_locally(step, mine, central)  # type: ignore[no-any-return]
         gathered = self._gather(mine)
         outcome: Any = None
         if self.is_coordinator:
@@ -126,10 +124,15 @@ class Coordinator:
         """Every rank runs ``local`` and gets everyone's results."""
         return self.all_reduce(step, local, lambda results: results)
 
-    def _raise_if_failed(self, step: str, results: list[Any]) -> None:
-        failure = self._failure(step, results)
-        if failure is not None:
-            raise failure.error
+    def _run_locally(self, step: str, mine: Any, central: Callable[[list[Any]], Any]) -> Any:
+        """Without a process group: the same steps and the same errors, on one rank."""
+        failure = self._failure(step, [mine])
+        if failure is None:
+            outcome = _attempt(lambda: central([mine]))
+            if not isinstance(outcome, _Failed):
+                return outcome
+            failure = _Failed(self._error(step, {self.rank: outcome.error}))
+        raise failure.error
 
     def _failure(self, step: str, results: list[Any]) -> _Failed | None:
         failures = {rank: r.error for rank, r in enumerate(results) if isinstance(r, _Failed)}

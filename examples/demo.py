@@ -95,8 +95,9 @@ def load_worker(rank: int, world_size: int, port: int, path: str, out: Any) -> N
                 mismatches.append(key)
     if state["app"]["step"] != 1000 or state["app"]["tokens_seen"] != 2**40:
         mismatches.append("app")
-    out.put(("load", rank, elapsed, mismatches, reader.report.bytes_read,
-             reader.report.bytes_needed))
+    out.put(
+        ("load", rank, elapsed, mismatches, reader.report.bytes_read, reader.report.bytes_needed)
+    )
     dist.destroy_process_group()
 
 
@@ -109,8 +110,13 @@ def _local_piece(full: torch.Tensor, value: DTensor) -> torch.Tensor:
 def _join(rank: int, world_size: int, port: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
 
 
 def _free_port() -> int:
@@ -123,8 +129,10 @@ def _run(worker: Any, world_size: int, path: str) -> list[tuple[Any, ...]]:
     context = mp.get_context("spawn")
     out = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=worker, args=(r, world_size, port, path, out))
-                 for r in range(world_size)]
+    processes = [
+        context.Process(target=worker, args=(r, world_size, port, path, out))
+        for r in range(world_size)
+    ]
     for process in processes:
         process.start()
     results = [out.get(timeout=300) for _ in processes]
@@ -158,8 +166,9 @@ def main() -> None:
     mib = size / 2**20
     print()
     print(f"checkpoint      {mib:.1f} MiB in {len(files)} files")
-    print(f"save            {save_time:.2f} s  ({mib / save_time:.0f} MiB/s) on {args.save_ranks} ranks")
-    print(f"load            {load_time:.2f} s  ({mib / load_time:.0f} MiB/s) on {args.load_ranks} ranks")
+    save_rate, load_rate = mib / save_time, mib / load_time
+    print(f"save            {save_time:.2f} s  ({save_rate:.0f} MiB/s) on {args.save_ranks} ranks")
+    print(f"load            {load_time:.2f} s  ({load_rate:.0f} MiB/s) on {args.load_ranks} ranks")
     print(f"bytes read      {bytes_read / bytes_needed:.2f} x the bytes needed")
     if mismatches:
         print(f"verification    FAILED: {', '.join(mismatches)}")

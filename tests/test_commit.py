@@ -58,12 +58,15 @@ def test_failed_save_leaves_the_previous_checkpoint_bit_for_bit(
     before = snapshot(tmp_path)
 
     class FailingWriter(distcp.FileSystemWriter):
-        def finish(self, metadata: distcp.Metadata, results: list[list[distcp.WriteResult]]) -> None:
+        def finish(
+            self, metadata: distcp.Metadata, results: list[list[distcp.WriteResult]]
+        ) -> None:
             raise OSError(28, "No space left on device")
 
     with pytest.raises(distcp.CheckpointError, match="No space left"):
-        distcp.save({"a": torch.zeros(100), "step": 2}, storage_writer=FailingWriter(tmp_path),
-                    no_dist=True)
+        distcp.save(
+            {"a": torch.zeros(100), "step": 2}, storage_writer=FailingWriter(tmp_path), no_dist=True
+        )
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     target = {"a": torch.empty(100), "step": 0}
@@ -82,8 +85,12 @@ def test_failed_write_removes_its_own_partial_files(tmp_path: Path) -> None:
             return super().resolve_data(write_item)
 
     with pytest.raises(distcp.CheckpointError, match="device lost"):
-        distcp.save({"a": torch.zeros(10), "b": torch.zeros(10)}, checkpoint_id=tmp_path,
-                    planner=Exploding(), no_dist=True)
+        distcp.save(
+            {"a": torch.zeros(10), "b": torch.zeros(10)},
+            checkpoint_id=tmp_path,
+            planner=Exploding(),
+            no_dist=True,
+        )
     assert snapshot(tmp_path) == before
 
 

@@ -32,8 +32,12 @@ def test_missing_keys_raise_naming_every_one(checkpoint: Path) -> None:
 
 def test_partial_load_skips_missing_keys(checkpoint: Path) -> None:
     target = {"model": {"w": torch.zeros(64, 64), "extra": torch.full((2,), 5.0)}}
-    distcp.load(target, checkpoint_id=checkpoint, no_dist=True,
-                planner=distcp.DefaultLoadPlanner(allow_partial_load=True))
+    distcp.load(
+        target,
+        checkpoint_id=checkpoint,
+        no_dist=True,
+        planner=distcp.DefaultLoadPlanner(allow_partial_load=True),
+    )
     assert target["model"]["w"].abs().sum() > 0
     assert torch.equal(target["model"]["extra"], torch.full((2,), 5.0))
 

@@ -29,7 +29,9 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     return data.view(dtype).reshape(shape)
 
 
-def save_load(tmp_path: Path, saved: dict[str, Any], target: dict[str, Any], **load_kw: Any) -> None:
+def save_load(
+    tmp_path: Path, saved: dict[str, Any], target: dict[str, Any], **load_kw: Any
+) -> None:
     distcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True, **load_kw)
 
@@ -84,8 +86,11 @@ def test_views_save_only_their_own_bytes(tmp_path: Path) -> None:
 def test_views_sharing_storage_round_trip_separately(tmp_path: Path) -> None:
     base = torch.arange(20, dtype=torch.int64)
     saved = {"first": base[:10], "second": base[5:15], "whole": base}
-    target = {"first": torch.empty(10, dtype=torch.int64), "second": torch.empty(10, dtype=torch.int64),
-              "whole": torch.empty(20, dtype=torch.int64)}
+    target = {
+        "first": torch.empty(10, dtype=torch.int64),
+        "second": torch.empty(10, dtype=torch.int64),
+        "whole": torch.empty(20, dtype=torch.int64),
+    }
     save_load(tmp_path, saved, target)
     assert torch.equal(target["first"], base[:10])
     assert torch.equal(target["second"], base[5:15])
@@ -99,7 +104,12 @@ def test_load_is_in_place(tmp_path: Path) -> None:
     pointers = [t.data_ptr() for t in objects]
     save_load(tmp_path, saved, target)
     assert [target["a"], target["nested"]["b"], target["layers"][0]] == objects
-    assert all(x is y for x, y in zip(objects, [target["a"], target["nested"]["b"], target["layers"][0]], strict=True))
+    assert all(
+        x is y
+        for x, y in zip(
+            objects, [target["a"], target["nested"]["b"], target["layers"][0]], strict=True
+        )
+    )
     assert [t.data_ptr() for t in objects] == pointers
     assert torch.equal(objects[0], saved["a"]) and torch.equal(objects[1], saved["nested"]["b"])
     assert torch.equal(objects[2], saved["layers"][0])
@@ -181,13 +191,21 @@ class Opaque:
 
 def test_pickle_needs_the_same_opt_in_on_save_and_load(tmp_path: Path) -> None:
     saved = {"obj": Opaque(5), "t": torch.ones(2)}
-    distcp.save(saved, checkpoint_id=tmp_path, no_dist=True,
-                planner=distcp.DefaultSavePlanner(allow_pickle=True))
+    distcp.save(
+        saved,
+        checkpoint_id=tmp_path,
+        no_dist=True,
+        planner=distcp.DefaultSavePlanner(allow_pickle=True),
+    )
     target: dict[str, Any] = {"obj": None, "t": torch.zeros(2)}
     with pytest.raises(distcp.PickleNotAllowedError, match="'obj'"):
         distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
-    distcp.load(target, checkpoint_id=tmp_path, no_dist=True,
-                planner=distcp.DefaultLoadPlanner(allow_pickle=True))
+    distcp.load(
+        target,
+        checkpoint_id=tmp_path,
+        no_dist=True,
+        planner=distcp.DefaultLoadPlanner(allow_pickle=True),
+    )
     assert target["obj"] == Opaque(5)
 
 
@@ -222,8 +240,14 @@ def test_stateful_objects_save_and_load_through_their_methods(tmp_path: Path) ->
 
 
 def test_lossless_widening_is_cast_on_load(tmp_path: Path) -> None:
-    saved = {"bf16": random_tensor(torch.bfloat16, (4, 4)), "i8": torch.arange(-5, 5, dtype=torch.int8)}
-    target = {"bf16": torch.empty(4, 4, dtype=torch.float32), "i8": torch.empty(10, dtype=torch.int32)}
+    saved = {
+        "bf16": random_tensor(torch.bfloat16, (4, 4)),
+        "i8": torch.arange(-5, 5, dtype=torch.int8),
+    }
+    target = {
+        "bf16": torch.empty(4, 4, dtype=torch.float32),
+        "i8": torch.empty(10, dtype=torch.int32),
+    }
     save_load(tmp_path, saved, target)
     assert torch.equal(target["bf16"], saved["bf16"].float())
     assert torch.equal(target["i8"], saved["i8"].int())
@@ -233,10 +257,16 @@ def test_lossy_cast_needs_an_explicit_opt_in(tmp_path: Path) -> None:
     saved = {"w": torch.randn(8, 8)}
     distcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
     target = {"w": torch.empty(8, 8, dtype=torch.bfloat16)}
-    with pytest.raises(distcp.DtypeMismatchError, match=r"'w'.*float32.*bfloat16.*allow_dtype_cast"):
+    with pytest.raises(
+        distcp.DtypeMismatchError, match=r"'w'.*float32.*bfloat16.*allow_dtype_cast"
+    ):
         distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
-    distcp.load(target, checkpoint_id=tmp_path, no_dist=True,
-                planner=distcp.DefaultLoadPlanner(allow_dtype_cast=True))
+    distcp.load(
+        target,
+        checkpoint_id=tmp_path,
+        no_dist=True,
+        planner=distcp.DefaultLoadPlanner(allow_dtype_cast=True),
+    )
     assert torch.equal(target["w"], saved["w"].bfloat16())
 
 
@@ -253,7 +283,9 @@ def test_many_threads_and_file_per_item_layouts(tmp_path: Path) -> None:
     distcp.save(saved, storage_writer=writer, no_dist=True)
     assert sum(name.startswith("data-") for name in os.listdir(tmp_path)) == 12
     target = {key: torch.empty_like(value) for key, value in saved.items()}
-    distcp.load(target, storage_reader=distcp.FileSystemReader(tmp_path, thread_count=3), no_dist=True)
+    distcp.load(
+        target, storage_reader=distcp.FileSystemReader(tmp_path, thread_count=3), no_dist=True
+    )
     assert all(torch.equal(target[k], v) for k, v in saved.items())
 
 

@@ -8,9 +8,10 @@ plans never allocates GPU memory even when the default group is NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -78,7 +79,7 @@ class Coordinator:
         mine = _attempt(local)
         if not self.distributed:
             return self._run_locally(step, mine, central)[0]  # type: ignore[no-any-return]
-        gathered = self._gather(mine)
+        gathered = self._gather(step, mine)
         outgoing: list[Any] | None = None
         if self.is_coordinator:
             assert gathered is not None
@@ -90,7 +91,7 @@ class Coordinator:
                 else:
                     outgoing = list(results)
             outgoing = outgoing if failure is None else [failure] * self.world_size
-        received = self._scatter(outgoing)
+        received = self._scatter(step, outgoing)
         if isinstance(received, _Failed):
             raise received.error
         return received  # type: ignore[no-any-return]
@@ -106,7 +107,7 @@ class Coordinator:
         mine = _attempt(local)
         if not self.distributed:
             return self._run_locally(step, mine, central)  # type: ignore[no-any-return]
-        gathered = self._gather(mine)
+        gathered = self._gather(step, mine)
         outcome: Any = None
         if self.is_coordinator:
             assert gathered is not None
@@ -115,7 +116,7 @@ class Coordinator:
                 outcome = _attempt(lambda: central(gathered))
                 if isinstance(outcome, _Failed):
                     outcome = _Failed(self._error(step, {self.rank: outcome.error}))
-        received = self._broadcast(outcome)
+        received = self._broadcast(step, outcome)
         if isinstance(received, _Failed):
             raise received.error
         return received  # type: ignore[no-any-return]
@@ -145,20 +146,38 @@ class Coordinator:
                 return error
         return DistributedCheckpointError(step, failures)
 
-    def _gather(self, value: Any) -> list[Any] | None:
+    def _gather(self, step: str, value: Any) -> list[Any] | None:
         output = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(value, output, group=self.group, group_dst=self.coordinator_rank)
+        with self._collective(step):
+            dist.gather_object(value, output, group=self.group, group_dst=self.coordinator_rank)
         return output
 
-    def _scatter(self, values: list[Any] | None) -> Any:
+    def _scatter(self, step: str, values: list[Any] | None) -> Any:
         output: list[Any] = [None]
-        dist.scatter_object_list(output, values, group=self.group, group_src=self.coordinator_rank)
+        with self._collective(step):
+            dist.scatter_object_list(
+                output, values, group=self.group, group_src=self.coordinator_rank
+            )
         return output[0]
 
-    def _broadcast(self, value: Any) -> Any:
+    def _broadcast(self, step: str, value: Any) -> Any:
         box = [value]
-        dist.broadcast_object_list(box, group=self.group, group_src=self.coordinator_rank)
+        with self._collective(step):
+            dist.broadcast_object_list(box, group=self.group, group_src=self.coordinator_rank)
         return box[0]
+
+    @contextlib.contextmanager
+    def _collective(self, step: str) -> Iterator[None]:
+        """A collective that fails (a rank died, hung past the timeout, or the
+        network broke) raises a :class:`DistributedCheckpointError` too, with
+        this rank's view of the cause."""
+        try:
+            yield
+        except Exception as error:
+            raise DistributedCheckpointError(
+                f"{step} (exchanging with the other ranks: one may have died or timed out)",
+                {self.rank: _sendable(error)},
+            ) from error
 
 
 def _attempt(function: Callable[[], T]) -> T | _Failed:

@@ -174,8 +174,9 @@ class DefaultLoadPlanner(LoadPlanner):
         return destination
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        """The reader wrote into the view ``resolve_tensor`` returned; a custom
-        planner that returns another tensor gets it copied into place here."""
+        """Nothing to do: the reader wrote straight into the view that
+        ``resolve_tensor`` returned. A custom planner that resolves to a
+        staging tensor copies it into place here."""
 
 
 def _bytes_item(key: str) -> ReadItem:

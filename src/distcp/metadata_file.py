@@ -28,7 +28,7 @@ import msgpack
 import torch
 
 from distcp.dtypes import dtype_from_name, dtype_name
-from distcp.errors import CheckpointFormatError
+from distcp.errors import CheckpointError, CheckpointFormatError
 from distcp.geometry import Box, find_overlap
 from distcp.metadata import (
     BytesStorageMetadata,
@@ -187,6 +187,10 @@ class _MetadataDecoder:
         if not isinstance(body, dict):
             raise self.fail("metadata body is not a map")
         save_id = self.get(body, "save_id", str, "metadata")
+        self.get(body, "created", (int, float), "metadata")
+        self.get(body, "library", str, "metadata")
+        if self.get(body, "world_size", int, "metadata") < 1:
+            raise self.fail(f"world_size must be at least 1, got {body['world_size']}")
         checksum = self.get(body, "checksum", dict, "metadata")
         algorithm = self.get(checksum, "algorithm", str, "checksum")
         if algorithm != CHECKSUM_ALGORITHM:
@@ -226,8 +230,13 @@ class _MetadataDecoder:
                     f"{where}: byte range [{offset}, {offset + length}) lies outside "
                     f"file {name!r} of {sizes[name]} bytes"
                 )
-            if len(checksums) != -(-length // block_size) or any(c >= 1 << 32 for c in checksums):
-                raise self.fail(f"{where}: expected {-(-length // block_size)} crc32c values")
+            if len(checksums) != -(-length // block_size):
+                raise self.fail(
+                    f"{where}: expected {-(-length // block_size)} crc32c values "
+                    f"({length} bytes in blocks of {block_size}), got {len(checksums)}"
+                )
+            if any(c >= 1 << 32 for c in checksums):
+                raise self.fail(f"{where}: crc32c values must be 32-bit unsigned integers")
             return StorageInfo(name, offset, length, tuple(checksums), block_size)
 
         for n, record in enumerate(self.get(body, "entries", list, "metadata")):
@@ -251,6 +260,8 @@ class _MetadataDecoder:
                 offsets = self.ints(chunk, "offsets", chunk_where)
                 chunk_sizes = self.ints(chunk, "sizes", chunk_where)
                 box = self._box(offsets, chunk_sizes, shape, chunk_where)
+                if MetadataIndex(key, offsets) in storage:
+                    raise self.fail(f"{chunk_where}: another chunk has the same offsets {offsets}")
                 info = place(chunk, chunk_where)
                 if info.length != box.numel * dtype.itemsize:
                     raise self.fail(
@@ -304,7 +315,10 @@ class _MetadataDecoder:
             return None
         if not isinstance(value, bytes):
             raise self.fail(f"{name}: expected bytes")
-        return decode_value(value, key=name)
+        try:
+            return decode_value(value, key=name)
+        except CheckpointError as exc:  # a malformed or pickled value: never unpickled
+            raise self.fail(str(exc)) from None
 
     def _storage_meta(self, value: Any, save_id: str) -> StorageMeta:
         if value is None:
@@ -313,11 +327,16 @@ class _MetadataDecoder:
             raise self.fail("storage_meta: expected a map")
         checkpoint_id = value.get("checkpoint_id")
         modules = value.get("modules", [])
-        if not isinstance(checkpoint_id, (str, type(None))) or not isinstance(modules, list):
-            raise self.fail("storage_meta: bad field types")
-        return StorageMeta(
-            checkpoint_id=checkpoint_id, save_id=save_id, modules=[str(m) for m in modules]
-        )
+        if (
+            not isinstance(checkpoint_id, (str, type(None)))
+            or not isinstance(modules, list)
+            or not all(isinstance(m, str) for m in modules)
+        ):
+            raise self.fail(
+                "storage_meta: bad field types (checkpoint_id must be a string or nil, "
+                "modules a list of strings)"
+            )
+        return StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id, modules=list(modules))
 
 
 def _encode_opaque(value: Any, name: str) -> bytes | None:

@@ -134,8 +134,9 @@ class DefaultSavePlanner(SavePlanner):
         state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         paths: dict[str, list[str | int]] = {}
         for rank, plan in enumerate(plans):
-            for key, path in (plan.planner_data or {}).items():
-                paths.setdefault(key, path)
+            if isinstance(plan.planner_data, dict):  # a subclass may keep its own data there
+                for key, path in plan.planner_data.items():
+                    paths.setdefault(key, path)
             for item in plan.items:
                 _add_to_metadata(state, item, rank)
         for key, entry in state.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,11 +170,19 @@ class FileSystemReader(StorageReader):
             path = self.path / name
             expected = self._file_sizes.get(name)
             try:
-                actual = path.stat().st_size
+                status = path.stat()
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"data file {path} is missing", file=str(path), offset=0
                 ) from None
+            if not stat.S_ISREG(status.st_mode):
+                raise CorruptCheckpointError(
+                    f"data file {path} is not a regular file (replaced by a directory, "
+                    "device or pipe)",
+                    file=str(path),
+                    offset=0,
+                )
+            actual = status.st_size
             if expected is not None and actual != expected:
                 raise CorruptCheckpointError(
                     f"data file {path} is {actual} bytes but the metadata records {expected} "

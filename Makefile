@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest bench clean
+.PHONY: setup demo test lint typecheck pytest clean
 
 setup: $(STAMP)
 
@@ -23,17 +23,14 @@ demo: setup
 test: lint typecheck pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples bench
-	$(VENV)/bin/ruff format --check src tests examples bench
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 typecheck: setup
 	$(VENV)/bin/mypy
 
 pytest: setup
 	$(PY) -m pytest -q
-
-bench: setup
-	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -113,3 +113,15 @@ def test_sync_files_off_still_commits(tmp_path: Path) -> None:
     target = {"a": torch.zeros(5, dtype=torch.int64)}
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
     assert torch.equal(target["a"], torch.arange(5))
+
+
+def test_cleanup_recognises_high_file_and_rank_numbers(tmp_path: Path) -> None:
+    distcp.save({"a": torch.ones(2)}, checkpoint_id=tmp_path, no_dist=True)
+    leftovers = [
+        tmp_path / "data-0123456789abcdef-00000-1000.distcp",
+        tmp_path / "data-0123456789abcdef-123456-000.distcp",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"x")
+    distcp.save({"a": torch.ones(2)}, checkpoint_id=tmp_path, no_dist=True)
+    assert not any(path.exists() for path in leftovers)

@@ -635,3 +635,24 @@ def test_missing_checkpoint_is_not_found(tmp_path: Path) -> None:
     a_file.write_bytes(b"")
     with pytest.raises(CheckpointNotFoundError, match=r"is not a checkpoint directory"):
         load_all(a_file, STATE)
+
+
+def test_data_file_replaced_by_a_directory_of_the_same_size(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    size = probe.stat().st_size
+    if size == 0:
+        pytest.skip("directories report size 0 here, so the size check alone catches this")
+    path = tmp_path / "ckpt"
+    state = {"bytes": torch.arange(size, dtype=torch.int64).to(torch.uint8)}
+    distcp.save(state, checkpoint_id=path, no_dist=True)
+    (name,) = items_by_file(path)
+    (path / name).unlink()
+    probe.rename(path / name)  # an empty directory, exactly as big as the file was
+    with pytest.raises(
+        CorruptCheckpointError, match=rf"data file .*{re.escape(name)} is not a regular file"
+    ) as caught:
+        distcp.load(
+            {"bytes": torch.zeros(size, dtype=torch.uint8)}, checkpoint_id=path, no_dist=True
+        )
+    assert caught.value.file == str(path / name)

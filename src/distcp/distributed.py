@@ -144,6 +144,9 @@ class Coordinator:
             (error,) = failures.values()
             if isinstance(error, CheckpointError):
                 return error
+            wrapped = DistributedCheckpointError(step, failures)
+            wrapped.__cause__ = error  # keep the original traceback in one process
+            return wrapped
         return DistributedCheckpointError(step, failures)
 
     def _gather(self, step: str, value: Any) -> list[Any] | None:

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 METADATA_FILE_NAME = ".metadata.distcp"
-_DATA_FILE = re.compile(r"data-[0-9a-f]{16}-\d{5}-\d{3}\.distcp")
+_DATA_FILE = re.compile(r"data-[0-9a-f]{16}-\d{5,}-\d{3,}\.distcp")
 _TEMPORARY_METADATA = re.compile(re.escape(METADATA_FILE_NAME) + r"\.tmp-[0-9a-f]{16}")
 
 

@@ -24,7 +24,7 @@ from distcp.errors import (
     IncompleteCheckpointError,
 )
 from distcp.filesystem.layout import METADATA_FILE_NAME
-from distcp.filesystem.tensor_bytes import checksum_mismatch, writable_bytes
+from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian, writable_bytes
 from distcp.geometry import Box
 from distcp.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from distcp.metadata_file import decode_metadata
@@ -79,6 +79,7 @@ class FileSystemReader(StorageReader):
         verify_checksums: bool = True,
         **_ignored: Any,
     ) -> None:
+        require_little_endian()
         self.path = Path(path)
         self.thread_count = max(1, thread_count)
         self.verify_checksums = verify_checksums
@@ -177,8 +178,7 @@ class FileSystemReader(StorageReader):
                 ) from None
             if not stat.S_ISREG(status.st_mode):
                 raise CorruptCheckpointError(
-                    f"data file {path} is not a regular file (replaced by a directory, "
-                    "device or pipe)",
+                    f"data file {path} is not a regular file (replaced by a directory?)",
                     file=str(path),
                     offset=0,
                 )

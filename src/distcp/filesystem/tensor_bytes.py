@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import crc32c
 import torch
 
-__all__ = ["block_checksums", "checksum_mismatch", "host_bytes", "writable_bytes"]
+from distcp.errors import CheckpointError
+
+__all__ = [
+    "block_checksums",
+    "checksum_mismatch",
+    "host_bytes",
+    "require_little_endian",
+    "writable_bytes",
+]
+
+
+def require_little_endian() -> None:
+    """The format stores tensors little-endian, as memory holds them on every
+    host distcp supports; refuse to write or read mislabelled bytes elsewhere."""
+    if sys.byteorder != "little":
+        raise CheckpointError(
+            "distcp checkpoints are little-endian and this host is big-endian; "
+            "byte-swapping is not supported"
+        )
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:

@@ -22,7 +22,7 @@ from distcp.filesystem.layout import (
     temporary_metadata_name,
     write_atomically,
 )
-from distcp.filesystem.tensor_bytes import block_checksums, host_bytes
+from distcp.filesystem.tensor_bytes import block_checksums, host_bytes, require_little_endian
 from distcp.metadata import Metadata, StorageInfo, StorageMeta
 from distcp.metadata_file import encode_metadata
 from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
@@ -72,6 +72,7 @@ class FileSystemWriter(StorageWriter):
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
         if checksum_block_size < 1:
             raise ValueError(f"checksum_block_size must be positive, got {checksum_block_size}")
+        require_little_endian()
         self.path = Path(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files

@@ -4,7 +4,6 @@ comes back identical, and DCP-style code runs unchanged with ``import distcp as 
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import distcp
+from bit_patterns import random_tensor, raw
 from rank_pool import RankPool
 
 PoolFactory = Callable[[int], RankPool]
@@ -36,20 +36,6 @@ DTYPES = [
     torch.bool,
     torch.complex64,
 ]
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.randint(
-        0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=generator
-    )
-    if dtype == torch.bool:  # only 0 and 1 are valid bools
-        data &= 1
-    return data.view(dtype).reshape(shape)
 
 
 def tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -4,7 +4,6 @@ out; loading into a different layout; and inconsistent shapes across ranks."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -20,27 +19,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 import distcp
+from bit_patterns import random_tensor, raw
 from distcp import knobs
 from rank_pool import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 DATA_FILE = re.compile(r"data-[0-9a-f]{16}-(\d{5})-\d{3}\.distcp")
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    """The tensor's elements as bytes, so NaN payloads and -0.0 compare too."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random bit patterns (NaNs, infinities and all), the same on every rank."""
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.randint(
-        0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=generator
-    )
-    if dtype == torch.bool:  # only 0 and 1 are valid bools
-        data &= 1
-    return data.view(dtype).reshape(shape)
 
 
 def chunk_sharded(full: torch.Tensor, world_size: int, fill: bool) -> Any:

@@ -9,7 +9,6 @@ re-implement the sharding geometry."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 import distcp
+from bit_patterns import random_tensor, raw
 from rank_pool import RankPool
 
 PoolFactory = Callable[[int], RankPool]
@@ -41,22 +41,6 @@ DTYPES = [
     torch.float8_e4m3fn,
 ]
 KEYS = ("a", "b")
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    """The tensor's elements as bytes, so NaN payloads and -0.0 compare too."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random bit patterns (NaNs, infinities and all), the same on every rank."""
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.randint(
-        0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=generator
-    )
-    if dtype == torch.bool:  # only 0 and 1 are valid bools
-        data &= 1
-    return data.view(dtype).reshape(shape)
 
 
 _meshes: dict[tuple[int, ...], DeviceMesh] = {}

@@ -13,20 +13,10 @@ import pytest
 import torch
 
 import distcp
+from bit_patterns import random_tensor, raw
 from distcp.dtypes import supported_dtypes
 
 CPU_DTYPES = [d for d in supported_dtypes() if d != torch.float4_e2m1fn_x2]
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    numel = math.prod(shape)
-    data = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
-    return data.view(dtype).reshape(shape)
 
 
 def save_load(
@@ -42,7 +32,7 @@ def data_bytes(path: Path) -> int:
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_every_dtype_round_trips_bit_exact(tmp_path: Path, dtype: torch.dtype) -> None:
-    saved = {"t": random_tensor(dtype, (3, 5)), "scalar": random_tensor(dtype, ())}
+    saved = {"t": random_tensor((3, 5), dtype), "scalar": random_tensor((), dtype)}
     target = {"t": torch.empty(3, 5, dtype=dtype), "scalar": torch.empty((), dtype=dtype)}
     save_load(tmp_path, saved, target)
     assert target["t"].dtype == dtype
@@ -241,7 +231,7 @@ def test_stateful_objects_save_and_load_through_their_methods(tmp_path: Path) ->
 
 def test_lossless_widening_is_cast_on_load(tmp_path: Path) -> None:
     saved = {
-        "bf16": random_tensor(torch.bfloat16, (4, 4)),
+        "bf16": random_tensor((4, 4), torch.bfloat16),
         "i8": torch.arange(-5, 5, dtype=torch.int8),
     }
     target = {

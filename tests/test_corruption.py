@@ -329,12 +329,16 @@ def small_block_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def read_span(info: StorageInfo, rows: tuple[int, int], row_bytes: int) -> tuple[int, int]:
-    """The bytes of the item a verifying reader reads for ``rows``: whole blocks."""
+def read_span(
+    info: StorageInfo, rows: tuple[int, int], cols: tuple[int, int], row_bytes: int
+) -> tuple[int, int]:
+    """The bytes of the item a verifying reader reads for a region no other
+    rank reads the rest of: the whole blocks from its first byte to its last
+    (rows here are shorter than a block, so every block in between holds some)."""
     block = info.checksum_block_size
-    start = rows[0] * row_bytes // block * block
-    end = min(-(-rows[1] * row_bytes // block) * block, info.length)
-    return start, end
+    first = rows[0] * row_bytes + cols[0] * 4
+    last = (rows[1] - 1) * row_bytes + cols[1] * 4
+    return first // block * block, min(-(-last // block) * block, info.length)
 
 
 def test_partial_read_reads_and_verifies_whole_blocks(small_block_checkpoint: Path) -> None:
@@ -346,10 +350,14 @@ def test_partial_read_reads_and_verifies_whole_blocks(small_block_checkpoint: Pa
     row_bytes = 7 * 4
     dest, reader = load_region(small_block_checkpoint, (10, 13), (2, 5))
     assert raw(dest) == raw(STATE["w"][10:13, 2:5])
-    start, end = read_span(info, (10, 13), row_bytes)
-    assert (start, end) == (256, 384)  # rows 10..12 are bytes 280..364 of the chunk
+    start, end = read_span(info, (10, 13), (2, 5), row_bytes)
+    assert (start, end) == (256, 384)  # the region spans bytes 288..356 of the chunk
     assert reader.report.bytes_needed == 3 * 3 * 4
-    assert reader.report.bytes_read == reader.report.bytes_verified == end - start
+    # A region no other rank reads the rest of: its blocks are read whole and
+    # verified here, and every byte needed was verified.
+    assert reader.report.bytes_read == end - start
+    assert reader.report.bytes_verified == reader.report.bytes_needed
+    assert reader.report.split_blocks == 0
 
 
 @SETTINGS
@@ -364,7 +372,7 @@ def test_flips_in_the_blocks_a_partial_read_covers_are_caught(
     r1 = data.draw(st.integers(r0 + 1, rows_total), label="end row")
     c0 = data.draw(st.integers(0, cols_total - 1), label="first col")
     c1 = data.draw(st.integers(c0 + 1, cols_total), label="end col")
-    start, end = read_span(info, (r0, r1), cols_total * 4)
+    start, end = read_span(info, (r0, r1), (c0, c1), cols_total * 4)
     # Mostly inside the blocks read, sometimes in the rest of the chunk.
     inside = data.draw(st.booleans(), label="inside the blocks read")
     if inside or (start == 0 and end == info.length):

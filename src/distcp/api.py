@@ -10,7 +10,9 @@ Load, on every rank unless noted: ``reader.read_metadata`` →
 ``planner.set_up_planner`` → ``reader.set_up_storage_reader`` →
 ``planner.create_local_plan`` → ``reader.prepare_local_plan``; coordinator:
 ``planner.create_global_plan`` → ``reader.prepare_global_plan``; every rank:
-``planner.finish_plan`` → ``reader.read_data``.
+``planner.finish_plan`` → ``reader.read_data``; then, for a
+``FileSystemReader``, every rank verifies the checksum blocks that were split
+between ranks from all ranks' masked crcs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from distcp.distributed import Coordinator
+from distcp.filesystem.block_verification import BlockKey
 from distcp.filesystem.reader import FileSystemReader
 from distcp.filesystem.writer import FileSystemWriter
 from distcp.load_planner import DefaultLoadPlanner
@@ -184,11 +187,14 @@ def _load(
 
     central_plan = ranks.reduce_scatter("planning the load", local_plan, global_plan)
 
-    def read() -> None:
+    def read() -> dict[BlockKey, int]:
         final_plan = planner.finish_plan(central_plan)
         reader.read_data(final_plan, planner).result()
+        return reader.masked_checksums() if isinstance(reader, FileSystemReader) else {}
 
-    ranks.all_gather("reading the checkpoint", read)
+    masked = ranks.all_gather("reading the checkpoint", read)
+    if isinstance(reader, FileSystemReader):
+        reader.verify_split_blocks(masked)  # same outcome on every rank: all see all
     for key, value in state_dict.items():
         if _is_stateful(value):
             value.load_state_dict(resolved[key])

@@ -1,5 +1,12 @@
 """``FileSystemReader``: reads and validates a checkpoint's metadata, then reads
-only the byte ranges a load plan needs, verifying checksums as it goes."""
+only the bytes a load plan needs, verifying checksums as it goes.
+
+Blocks that a resharding load splits between ranks are verified together
+after reading (:mod:`distcp.filesystem.block_verification`): ``distcp.load``
+gathers every rank's :meth:`FileSystemReader.masked_checksums` and calls
+:meth:`FileSystemReader.verify_split_blocks`. Code that drives ``read_data``
+itself must do the same, or those blocks stay unverified.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,9 @@ import stat
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from distcp import knobs
 from distcp.errors import (
@@ -23,8 +28,16 @@ from distcp.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
+from distcp.filesystem.block_verification import (
+    BlockKey,
+    VerificationPlan,
+    plan_block_verification,
+    verify_masked_crcs,
+)
+from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget, read_exactly
 from distcp.filesystem.layout import METADATA_FILE_NAME
-from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian, writable_bytes
+from distcp.filesystem.load_report import LoadReport
+from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
 from distcp.geometry import Box
 from distcp.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from distcp.metadata_file import decode_metadata
@@ -36,31 +49,6 @@ __all__ = ["FileSystemReader", "LoadReport"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadReport:
-    """What one rank's last ``read_data`` did: bytes the plan needed, bytes read
-    from storage (more when checksum blocks are read whole to verify them), and
-    bytes whose checksums were verified."""
-
-    bytes_needed: int = 0
-    bytes_read: int = 0
-    bytes_verified: int = 0
-    items: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, *, needed: int = 0, read: int = 0, verified: int = 0, items: int = 0) -> None:
-        with self._lock:
-            self.bytes_needed += needed
-            self.bytes_read += read
-            self.bytes_verified += verified
-            self.items += items
-
-    @property
-    def read_amplification(self) -> float:
-        """Bytes read ÷ bytes needed (1.0 is ideal)."""
-        return self.bytes_read / self.bytes_needed if self.bytes_needed else 1.0
-
-
 class FileSystemReader(StorageReader):
     """Reads a checkpoint from a directory.
 
@@ -68,7 +56,8 @@ class FileSystemReader(StorageReader):
         path: the checkpoint directory.
         thread_count: reader threads per rank.
         verify_checksums: verify the crc32c of every block read (default). A block
-            only partly needed is read whole so it can be verified.
+            split between ranks is verified jointly from their masked crcs; a
+            block only partly needed otherwise is read whole to verify it.
     """
 
     def __init__(
@@ -86,12 +75,14 @@ class FileSystemReader(StorageReader):
         self.metadata: Metadata | None = None
         self.report = LoadReport()
         self._file_sizes: dict[str, int] = {}
+        self._masked: dict[BlockKey, int] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.path = Path(checkpoint_id)
         self.metadata = None
         self.report = LoadReport()
+        self._masked = {}
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -126,12 +117,18 @@ class FileSystemReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        if self.metadata is None or not self.verify_checksums:
+            return plans
+        verification = plan_block_verification(plans, self.metadata)
+        return [
+            replace(plan, storage_data=mine) for plan, mine in zip(plans, verification, strict=True)
+        ]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if self.metadata is None:
             raise CheckpointFormatError("read_data called before read_metadata")
         self.report = LoadReport()
+        self._masked = {}
         storage: dict[MetadataIndex, StorageInfo] = self.metadata.storage_data
         by_item: dict[MetadataIndex, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
@@ -142,27 +139,53 @@ class FileSystemReader(StorageReader):
                 )
             by_item[item.storage_index].append(item)
         self._check_files({storage[index].relative_path for index in by_item})
+        verification = plan.storage_data
+        if not isinstance(verification, VerificationPlan):
+            verification = VerificationPlan()  # no joint plan: verify every block alone
 
         planner_lock = threading.Lock()
         tasks = sorted(by_item.items(), key=lambda kv: -storage[kv[0]].length)
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as pool:
             futures = [
-                pool.submit(self._read_item, index, storage[index], items, planner, planner_lock)
+                pool.submit(
+                    self._read_chunk,
+                    index,
+                    storage[index],
+                    items,
+                    planner,
+                    planner_lock,
+                    verification,
+                )
                 for index, items in tasks
             ]
             for done in futures:
-                done.result()
+                self._masked.update(done.result())
         log.debug(
-            "distcp load: %d items, %d bytes needed, %d read (×%.3f), %d verified",
+            "distcp load: %d items, %d bytes needed, %d read (×%.3f), %d verified, "
+            "%d blocks split between ranks",
             self.report.items,
             self.report.bytes_needed,
             self.report.bytes_read,
             self.report.read_amplification,
             self.report.bytes_verified,
+            self.report.split_blocks,
         )
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def masked_checksums(self) -> dict[BlockKey, int]:
+        """This rank's masked crcs of the blocks it read in part, for
+        :meth:`verify_split_blocks` on every rank."""
+        return dict(self._masked)
+
+    def verify_split_blocks(self, contributions: list[dict[BlockKey, int]]) -> None:
+        """Verify every block split between ranks, given every rank's
+        :meth:`masked_checksums`; raises :class:`CorruptCheckpointError`."""
+        if self.metadata is None:
+            raise CheckpointFormatError("verify_split_blocks called before read_metadata")
+        verify_masked_crcs(contributions, self.metadata.storage_data, str(self.path))
+        self.report.settle()
 
     def _check_files(self, names: set[str]) -> None:
         """Before reading anything: every file this rank reads exists and has
@@ -191,191 +214,73 @@ class FileSystemReader(StorageReader):
                     offset=min(actual, expected),
                 )
 
-    def _read_item(
+    def _read_chunk(
         self,
         index: MetadataIndex,
         info: StorageInfo,
         items: list[ReadItem],
         planner: LoadPlanner,
         lock: threading.Lock,
-    ) -> None:
+        verification: VerificationPlan,
+    ) -> dict[BlockKey, int]:
         path = self.path / info.relative_path
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if items[0].type == LoadItemType.BYTE_IO:
-                data = bytearray(info.length)
-                self._read_verified(fd, path, index, info, memoryview(data), 0)
-                self.report.add(needed=info.length, items=len(items))
-                for item in items:
-                    with lock:
-                        planner.load_bytes(item, io.BytesIO(bytes(data)))
-                return
-            assert self.metadata is not None
-            entry = self.metadata.state_dict_metadata[index.fqn]
-            assert isinstance(entry, TensorStorageMetadata) and index.offset is not None
-            chunk = next(c for c in entry.chunks if tuple(c.offsets) == index.offset)
-            _ChunkReader(
-                self, fd, path, index, info, entry.properties.dtype, tuple(chunk.sizes)
-            ).read(items, planner, lock)
-        finally:
-            os.close(fd)
-
-    def _read_verified(
-        self,
-        fd: int,
-        path: Path,
-        index: MetadataIndex,
-        info: StorageInfo,
-        buffer: memoryview,
-        start: int,
-    ) -> None:
-        """Read ``len(buffer)`` bytes at ``start`` inside the item into ``buffer``
-        and verify them; ``start`` and the end must lie on checksum blocks
-        (or the item's end) when checksums are verified."""
-        _pread_exactly(fd, buffer, info.offset + start, path)
-        self.report.add(read=len(buffer))
-        if not self.verify_checksums or not len(buffer):
-            return
-        block = info.checksum_block_size
-        bad = checksum_mismatch(buffer, start // block, info.checksums, block)
-        if bad is not None:
-            offset = info.offset + bad * block
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {path} at byte offset {offset} (key {index.fqn!r}"
-                + (f", chunk at {list(index.offset)}" if index.offset is not None else "")
-                + "): the data file is corrupt",
-                file=str(path),
-                offset=offset,
-            )
-        self.report.add(verified=len(buffer))
-
-
-class _ChunkReader:
-    """Reads the parts of one saved chunk that a rank's read items need."""
-
-    def __init__(
-        self,
-        reader: FileSystemReader,
-        fd: int,
-        path: Path,
-        index: MetadataIndex,
-        info: StorageInfo,
-        dtype: torch.dtype,
-        sizes: tuple[int, ...],
-    ) -> None:
-        self.reader, self.fd, self.path, self.index, self.info = reader, fd, path, index, info
-        self.dtype = dtype
-        self.sizes = sizes
-
-    def read(self, items: list[ReadItem], planner: LoadPlanner, lock: threading.Lock) -> None:
-        whole = Box((0,) * len(self.sizes), self.sizes)
-        pending: list[tuple[ReadItem, torch.Tensor]] = []
+        if items[0].type == LoadItemType.BYTE_IO:
+            self._read_value(path, index, info, items, planner, lock)
+            return {}
+        assert self.metadata is not None
+        entry = self.metadata.state_dict_metadata[index.fqn]
+        assert isinstance(entry, TensorStorageMetadata) and index.offset is not None
+        chunk = next(c for c in entry.chunks if tuple(c.offsets) == index.offset)
+        targets = []
         for item in items:
-            region = Box(tuple(item.storage_offsets), tuple(item.lengths))
             with lock:
                 dest = planner.resolve_tensor(item)
-            self.reader.report.add(needed=region.numel * self.dtype.itemsize, items=1)
-            if region == whole and self._direct(dest):
-                self.reader._read_verified(
-                    self.fd, self.path, self.index, self.info, writable_bytes(dest), 0
+            region = Box(tuple(item.storage_offsets), tuple(item.lengths))
+            contributes = (index, region.offsets) in verification.contributes
+            targets.append(ReadTarget(region, dest, contributes))
+        reader = ChunkReader(
+            path,
+            index,
+            info,
+            entry.properties.dtype,
+            tuple(chunk.sizes),
+            verify=self.verify_checksums,
+            cooperative=index in verification.cooperative,
+        )
+        masked = reader.read(targets, self.report)
+        self.report.add(items=len(items), split_blocks=len(masked))
+        for item, target in zip(items, targets, strict=True):
+            with lock:
+                planner.commit_tensor(item, target.dest)
+        return masked
+
+    def _read_value(
+        self,
+        path: Path,
+        index: MetadataIndex,
+        info: StorageInfo,
+        items: list[ReadItem],
+        planner: LoadPlanner,
+        lock: threading.Lock,
+    ) -> None:
+        data = bytearray(info.length)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            read_exactly(fd, memoryview(data), info.offset, path)
+        finally:
+            os.close(fd)
+        self.report.add(needed=info.length, read=info.length, items=len(items))
+        if self.verify_checksums:
+            bad = checksum_mismatch(memoryview(data), 0, info.checksums, info.checksum_block_size)
+            if bad is not None:
+                offset = info.offset + bad * info.checksum_block_size
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {path} at byte offset {offset} (key "
+                    f"{index.fqn!r}): the data file is corrupt",
+                    file=str(path),
+                    offset=offset,
                 )
-                with lock:
-                    planner.commit_tensor(item, dest)
-            else:
-                pending.append((item, dest))
-        if pending:
-            self._read_windows(pending)
-            for item, dest in pending:
-                with lock:
-                    planner.commit_tensor(item, dest)
-
-    def _direct(self, dest: torch.Tensor) -> bool:
-        return (
-            dest.dtype == self.dtype
-            and dest.device.type == "cpu"
-            and dest.is_contiguous()
-            and dest.numel() * dest.element_size() == self.info.length
-        )
-
-    def _read_windows(self, pending: list[tuple[ReadItem, torch.Tensor]]) -> None:
-        """Read the rows of the chunk that items need, a bounded window at a
-        time (whole checksum blocks when verifying), and copy each item's part
-        out of the window, casting to the destination's dtype."""
-        itemsize = self.dtype.itemsize
-        rows, row_shape = (self.sizes[0], self.sizes[1:]) if self.sizes else (1, ())
-        row_bytes = itemsize
-        for size in row_shape:
-            row_bytes *= size
-        if row_bytes == 0 or rows == 0:
-            return
-        rows_per_window = max(1, knobs.READ_WINDOW_SIZE // row_bytes)
-        needed = sorted(
-            (item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0])
-            if self.sizes
-            else (0, 1)
-            for item, _ in pending
-        )
-        block = self.info.checksum_block_size
-        for first, last in needed_windows(needed, rows_per_window):
-            start, end = first * row_bytes, last * row_bytes
-            if self.reader.verify_checksums:
-                start = start // block * block
-                end = min(-(-end // block) * block, self.info.length)
-            buffer = torch.empty(end - start, dtype=torch.uint8)
-            self.reader._read_verified(
-                self.fd, self.path, self.index, self.info, writable_bytes(buffer), start
-            )
-            skip = first * row_bytes - start
-            window = buffer[skip : skip + (last - first) * row_bytes].view(self.dtype)
-            window = window.reshape((last - first, *row_shape)) if self.sizes else window[0]
-            for item, dest in pending:
-                _copy_overlap(item, dest, window, first, last, bool(self.sizes))
-
-
-def needed_windows(ranges: list[tuple[int, int]], rows_per_window: int) -> list[tuple[int, int]]:
-    """Row windows ``[first, last)`` covering the union of the (sorted) needed
-    row ranges, each at most ``rows_per_window`` rows."""
-    merged: list[list[int]] = []
-    for first, last in ranges:
-        if merged and first <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], last)
-        else:
-            merged.append([first, last])
-    windows = []
-    for first, last in merged:
-        for start in range(first, last, rows_per_window):
-            windows.append((start, min(start + rows_per_window, last)))
-    return windows
-
-
-def _copy_overlap(
-    item: ReadItem, dest: torch.Tensor, window: torch.Tensor, first: int, last: int, has_rows: bool
-) -> None:
-    """Copy the part of ``item``'s region that lies in rows ``[first, last)``."""
-    if not has_rows:
-        dest.copy_(window)
-        return
-    row0 = item.storage_offsets[0]
-    lo, hi = max(first, row0), min(last, row0 + item.lengths[0])
-    if lo >= hi:
-        return
-    source_index = [slice(lo - first, hi - first)]
-    source_index += [
-        slice(offset, offset + length)
-        for offset, length in zip(item.storage_offsets[1:], item.lengths[1:], strict=True)
-    ]
-    dest[lo - row0 : hi - row0].copy_(window[tuple(source_index)])
-
-
-def _pread_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(buffer):
-        count = os.preadv(fd, [buffer[done:]], offset + done)
-        if count == 0:
-            raise CorruptCheckpointError(
-                f"data file {path} ends at byte {offset + done}, before the "
-                f"{len(buffer)} bytes the metadata records at offset {offset}",
-                file=str(path),
-                offset=offset + done,
-            )
-        done += count
+            self.report.add(verified=info.length)
+        for item in items:
+            with lock:
+                planner.load_bytes(item, io.BytesIO(bytes(data)))

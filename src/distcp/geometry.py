@@ -32,7 +32,6 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import SupportsIndex
 
 __all__ = [
     "Box",
@@ -57,11 +56,15 @@ def _as_index_tuple(values: Iterable[object], what: str) -> tuple[int, ...]:
         raise ValueError(f"{what} must be a sequence of ints, got {values!r}") from None
     out: list[int] = []
     for item in items:
-        if isinstance(item, bool):
+        if type(item) is int:  # the common case, checked first: boxes are built often
+            value = item
+        elif isinstance(item, bool):
             raise ValueError(f"{what} must be ints, got a bool in {items!r}")
-        if not isinstance(item, SupportsIndex):
-            raise ValueError(f"{what} must be ints, got {item!r} in {items!r}")
-        value = operator.index(item)
+        else:
+            try:
+                value = operator.index(item)  # type: ignore[arg-type]
+            except TypeError:
+                raise ValueError(f"{what} must be ints, got {item!r} in {items!r}") from None
         if value < 0:
             raise ValueError(f"{what} must be non-negative, got {items!r}")
         out.append(value)

@@ -19,6 +19,7 @@ DEFAULT_THREAD_COUNT = max(1, min(4, os.cpu_count() or 1))
 #: Buffered-writer size: small tensors are coalesced into writes of this size.
 WRITE_BUFFER_SIZE = 8 << 20
 
-#: The most bytes a reader holds in a staging buffer at once when it cannot read
-#: straight into the destination (casts, strided regions).
-READ_WINDOW_SIZE = 64 << 20
+#: Bytes of a saved chunk a reader verifies and copies at a time (whole
+#: checksum blocks, at least one): small enough that the bytes the checksum pass
+#: brought into cache are still there for the copy into the destination.
+READ_WINDOW_SIZE = 2 << 20

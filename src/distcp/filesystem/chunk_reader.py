@@ -23,8 +23,10 @@ Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,19 @@ class ReadTarget:
     contributes: bool = False  # masked crcs of its split blocks are this rank's to send
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """A target with its geometry inside the chunk worked out once."""
+
+    target: ReadTarget
+    first: int  # byte offset of the region's first element in the chunk
+    last: int  # byte offset just past its last element
+    inner: int  # byte offset of its first element inside a row
+    rows: tuple[int, int]  # [first row, end row)
+    trailing: tuple[slice, ...]  # the region's extent in the dims after the first
+    contiguous: bool
+
+
 class ChunkReader:
     """Reads regions of the chunk stored at ``info`` in the file at ``path``."""
 
@@ -72,42 +87,65 @@ class ChunkReader:
         self.dtype, self.sizes = dtype, sizes
         self.verify, self.cooperative = verify, cooperative
         self.itemsize = dtype.itemsize
-        self.row_bytes = self.itemsize
-        for size in sizes[1:]:
-            self.row_bytes *= size
+        self.row_bytes = self.itemsize * math.prod(sizes[1:])
         self.block = info.checksum_block_size
+        self.strides = strides_for(sizes)
 
     def read(self, targets: list[ReadTarget], report: LoadReport) -> dict[BlockKey, int]:
         """Fill every target's destination; return this rank's masked crcs of
         split blocks (empty unless the chunk is cooperative)."""
-        targets = [t for t in targets if not t.region.is_empty]
-        distinct = {t.region for t in targets}
-        report.add(
-            needed=sum(t.region.numel for t in targets) * self.itemsize,
-            read=sum(region.numel for region in distinct) * self.itemsize,
+        placed = [self._place(t) for t in targets if not t.region.is_empty]
+        distinct_bytes = (
+            len({p.target.region for p in placed})
+            and sum(region.numel for region in {p.target.region for p in placed}) * self.itemsize
         )
-        if not targets or self.row_bytes == 0:
+        report.add(
+            needed=sum(p.target.region.numel for p in placed) * self.itemsize,
+            read=distinct_bytes,
+        )
+        if not placed or self.row_bytes == 0:
             return {}
-        blocks = _BlockPlan(self, targets) if self.verify else None
+        blocks = _BlockPlan(self, placed) if self.verify else None
         masked: dict[BlockKey, int] = {}
         with _map_chunk(self.path, self.info) as mapped:
             source = _aligned(mapped.data, self.itemsize)
             typed = source.view(self.dtype).reshape(self.sizes)
             checked = writable_bytes(source)
-            for start, end in self._windows(targets):
+            for start, end in self._windows(placed):
                 mapped.prefetch(end, end + (end - start))
+                staged: _Staged | None = None
                 if blocks is not None:
                     blocks.verify_window(checked, start, end, report)
-                    masked.update(blocks.mask_window(typed, start, end))
-                self._copy_rows(targets, typed, start, end)
+                    staged = blocks.mask_window(typed, start, end)
+                    if staged is not None:
+                        masked.update(staged.masked)
+                self._copy_rows(placed, typed, start, end, staged)
                 mapped.release(end)
         if self.verify and not masked:
-            report.add(verified=sum(region.numel for region in distinct) * self.itemsize)
+            report.add(verified=distinct_bytes)
         elif masked:
-            report.add(pending_verified=sum(region.numel for region in distinct) * self.itemsize)
+            report.add(pending_verified=distinct_bytes)
         return masked
 
-    def _windows(self, targets: list[ReadTarget]) -> Iterator[tuple[int, int]]:
+    def _place(self, target: ReadTarget) -> _Placed:
+        region = target.region
+        first = sum(o * s for o, s in zip(region.offsets, self.strides, strict=True))
+        last = sum((e - 1) * s for e, s in zip(region.ends, self.strides, strict=True))
+        first, last = first * self.itemsize, (last + 1) * self.itemsize
+        row0 = region.offsets[0] if self.sizes else 0
+        return _Placed(
+            target,
+            first,
+            last,
+            inner=first - row0 * self.row_bytes,
+            rows=(row0, region.ends[0] if self.sizes else 1),
+            trailing=tuple(
+                slice(o, o + n) for o, n in zip(region.offsets[1:], region.sizes[1:], strict=True)
+            ),
+            contiguous=is_contiguous(self.sizes, region),
+        )
+
+    def _windows(self, placed: list[_Placed]) -> Iterator[tuple[int, int]]:
         """Block-aligned byte windows of the chunk, in order, covering every
         block a region touches, each at most ``READ_WINDOW_SIZE``."""
         length = self.info.length
@@ -116,8 +154,8 @@ class ChunkReader:
             return
         per_window = max(1, knobs.READ_WINDOW_SIZE // self.block)
         touched: set[int] = set()
-        for target in targets:
-            touched.update(self.touched_blocks(target.region))
+        for p in placed:
+            touched.update(self.touched_blocks(p))
         run: list[int] = []
         for number in sorted(touched):
             if run and (number != run[-1] + 1 or len(run) == per_window):
@@ -127,102 +165,114 @@ class ChunkReader:
         if run:
             yield run[0] * self.block, min((run[-1] + 1) * self.block, length)
 
-    def touched_blocks(self, region: Box) -> set[int]:
+    def touched_blocks(self, p: _Placed) -> set[int]:
         """Numbers of the checksum blocks holding at least one byte of the
         region's rows (each row taken from its first to its last needed byte)."""
-        first, last = self.extent(region)
-        block = self.block
-        if not self.sizes or self.row_bytes <= block or region.sizes[0] == 1:
+        block, count = self.block, p.rows[1] - p.rows[0]
+        if not self.sizes or self.row_bytes <= block or count == 1:
             # Every block between the first and last byte holds part of a row.
-            return set(range(first // block, -(-last // block)))
-        row_span = last - first - (region.sizes[0] - 1) * self.row_bytes
+            return set(range(p.first // block, -(-p.last // block)))
+        row_span = p.last - p.first - (count - 1) * self.row_bytes
         touched: set[int] = set()
-        for row in range(region.sizes[0]):  # rows longer than a block: few of them
-            start = first + row * self.row_bytes
+        for row in range(count):  # rows longer than a block: few of them
+            start = p.first + row * self.row_bytes
             touched.update(range(start // block, -(-(start + row_span) // block)))
         return touched
 
-    def extent(self, region: Box) -> tuple[int, int]:
-        """``[first, last)``: the bytes from the region's first element to the
-        end of its last, inside the chunk."""
-        strides = strides_for(self.sizes)
-        first = sum(o * s for o, s in zip(region.offsets, strides, strict=True))
-        last = sum((e - 1) * s for e, s in zip(region.ends, strides, strict=True))
-        return first * self.itemsize, (last + 1) * self.itemsize
-
     def _copy_rows(
-        self, targets: list[ReadTarget], typed: torch.Tensor, start: int, end: int
+        self,
+        placed: list[_Placed],
+        typed: torch.Tensor,
+        start: int,
+        end: int,
+        staged: _Staged | None,
     ) -> None:
         """Copy each region's rows whose first needed byte lies in ``[start, end)``
-        (every such byte lies in some window, so each row is copied once)."""
+        (every such byte lies in some window, so each row is copied once), from
+        the masking buffer while it is in cache, else from the mapping."""
         if not self.sizes:
-            for target in targets:
-                target.dest.copy_(typed)
+            for p in placed:
+                p.target.dest.copy_(typed)
             return
-        for target in targets:
-            region = target.region
-            inner = self.extent(region)[0] - region.offsets[0] * self.row_bytes
-            low = -(-(start - inner) // self.row_bytes)
-            high = -(-(end - inner) // self.row_bytes)
-            first, last = max(low, region.offsets[0]), min(high, region.ends[0])
-            if first < last:
-                rows = slice(first - region.offsets[0], last - region.offsets[0])
-                target.dest[rows].copy_(typed[(slice(first, last), *_trailing(region))])
+        for p in placed:
+            row0, row1 = p.rows
+            low = max(row0, -(-(start - p.inner) // self.row_bytes))
+            high = min(row1, -(-(end - p.inner) // self.row_bytes))
+            if low >= high:
+                continue
+            if staged is not None and p.target.contributes:
+                source = staged.rows[(slice(low - staged.first_row, high - staged.first_row),)]
+            else:
+                source = typed[low:high]
+            p.target.dest[low - row0 : high - row0].copy_(source[(slice(None), *p.trailing)])
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A window's rows as masked for the checksum: this rank's contributing
+    regions' bytes, zeros elsewhere."""
+
+    rows: torch.Tensor
+    first_row: int
+    masked: dict[BlockKey, int]
 
 
 class _BlockPlan:
     """Which checksum blocks of the chunk this rank verifies, and how."""
 
-    def __init__(self, reader: ChunkReader, targets: list[ReadTarget]) -> None:
+    def __init__(self, reader: ChunkReader, placed: list[_Placed]) -> None:
         self.reader = reader
-        self.targets = targets
+        self.placed = placed
         block = reader.block
-        self.local: set[int] = set()  # inside one contiguous region: verify here
+        local: set[int] = set()  # inside one contiguous region: verify here
         touched: set[int] = set()
         contributed: set[int] = set()
-        for target in targets:
-            first, last = reader.extent(target.region)
-            numbers = reader.touched_blocks(target.region)
+        for p in placed:
+            numbers = reader.touched_blocks(p)
             touched.update(numbers)
-            if target.contributes:
+            if p.target.contributes:
                 contributed.update(numbers)
-            if is_contiguous(reader.sizes, target.region):
-                self.local.update(
+            if p.contiguous:
+                local.update(
                     n
                     for n in numbers
-                    if first <= n * block and n * block + block_length(reader.info, n) <= last
+                    if p.first <= n * block and n * block + block_length(reader.info, n) <= p.last
                 )
-        split = touched - self.local
+        split = touched - local
         self.masked = (split & contributed) if reader.cooperative else set()
         self.whole = set() if reader.cooperative else split  # read whole, verify here
+        self.checked_here = local | self.whole
         self._runs: list[tuple[int, int]] | None = None
 
     def verify_window(self, checked: memoryview, start: int, end: int, report: LoadReport) -> None:
         reader = self.reader
-        for number in self._in_window(self.local | self.whole, start, end):
+        for number in self._in_window(self.checked_here, start, end):
             begin = number * reader.block
             length = block_length(reader.info, number)
             if crc32c.crc32c(checked[begin : begin + length]) != reader.info.checksums[number]:
-                raise _corrupt(reader, number, "")
+                raise _corrupt(reader, number)
             if number in self.whole:
                 report.add(read=length - self._needed_in_block(begin, length))
 
-    def mask_window(self, typed: torch.Tensor, start: int, end: int) -> dict[BlockKey, int]:
-        """This rank's masked crc of each split block in ``[start, end)``."""
+    def mask_window(self, typed: torch.Tensor, start: int, end: int) -> _Staged | None:
+        """This rank's masked crc of each split block in ``[start, end)``,
+        with the masked rows (``None`` when no block here is split)."""
         numbers = self._in_window(self.masked, start, end)
         if not numbers:
-            return {}
+            return None
         reader = self.reader
         first_row, end_row = start // reader.row_bytes, -(-end // reader.row_bytes)
-        scratch = torch.zeros((end_row - first_row, *reader.sizes[1:]), dtype=reader.dtype)
-        for target in self.targets:
-            region = target.region
-            low, high = max(first_row, region.offsets[0]), min(end_row, region.ends[0])
-            if target.contributes and low < high:
-                trailing = _trailing(region)
-                scratch[(slice(low - first_row, high - first_row), *trailing)] = typed[
-                    (slice(low, high), *trailing)
-                ]
+        shape = (end_row - first_row, *reader.sizes[1:])
+        writes = []
+        for p in self.placed:
+            low, high = max(first_row, p.rows[0]), min(end_row, p.rows[1])
+            if p.target.contributes and low < high:
+                writes.append((low - first_row, high - first_row, p.trailing))
+        scratch = _scratch(math.prod(shape) * reader.itemsize, (reader.dtype, shape, writes))
+        rows = scratch.view(reader.dtype).reshape(shape)
+        for low, high, trailing in writes:
+            window_rows = (slice(low, high), *trailing)
+            rows[window_rows] = typed[(slice(low + first_row, high + first_row), *trailing)]
         data = writable_bytes(scratch)
         skip = first_row * reader.row_bytes
         masked = {}
@@ -230,7 +280,7 @@ class _BlockPlan:
             begin = number * reader.block - skip
             length = block_length(reader.info, number)
             masked[(reader.index, number)] = int(crc32c.crc32c(data[begin : begin + length]))
-        return masked
+        return _Staged(rows, first_row, masked)
 
     def _in_window(self, numbers: set[int], start: int, end: int) -> list[int]:
         block = self.reader.block
@@ -242,7 +292,7 @@ class _BlockPlan:
             reader = self.reader
             self._runs = [
                 run
-                for region in {t.region for t in self.targets}
+                for region in {p.target.region for p in self.placed}
                 for run in byte_runs(reader.sizes, region, reader.itemsize)
             ]
         return sum(
@@ -251,21 +301,32 @@ class _BlockPlan:
         )
 
 
-def _corrupt(reader: ChunkReader, number: int, detail: str) -> CorruptCheckpointError:
+_local = threading.local()
+
+
+def _scratch(nbytes: int, pattern: object) -> torch.Tensor:
+    """A zeroed byte buffer of ``nbytes``, owned by this thread and reused so
+    masking does not fault in fresh pages for every block. ``pattern`` names
+    the positions the caller will overwrite: when it is the same as last time,
+    every other byte is still zero and the buffer is not cleared again."""
+    buffer: torch.Tensor | None = getattr(_local, "scratch", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _local.scratch = torch.zeros(nbytes, dtype=torch.uint8)
+        _local.pattern = pattern
+    elif _local.pattern != pattern:
+        buffer.zero_()
+        _local.pattern = pattern
+    return buffer[:nbytes]
+
+
+def _corrupt(reader: ChunkReader, number: int) -> CorruptCheckpointError:
     offset = reader.info.offset + number * reader.block
     return CorruptCheckpointError(
         f"checksum mismatch in {reader.path} at byte offset {offset} (key "
-        f"{reader.index.fqn!r}, chunk at {list(reader.index.offset or ())}){detail}: "
+        f"{reader.index.fqn!r}, chunk at {list(reader.index.offset or ())}): "
         "the data file is corrupt",
         file=str(reader.path),
         offset=offset,
-    )
-
-
-def _trailing(region: Box) -> tuple[slice, ...]:
-    return tuple(
-        slice(offset, offset + size)
-        for offset, size in zip(region.offsets[1:], region.sizes[1:], strict=True)
     )
 
 

@@ -11,6 +11,7 @@ load, and atomic commits that never damage the last good checkpoint.
 """
 
 from distcp.api import load, load_state_dict, save, save_state_dict
+from distcp.async_save import AsyncCheckpointerType, async_save
 from distcp.errors import (
     CheckpointError,
     CheckpointException,
@@ -55,6 +56,7 @@ from distcp.storage import StorageReader, StorageWriter, WriteResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCheckpointerType",
     "BytesStorageMetadata",
     "CheckpointError",
     "CheckpointException",
@@ -94,6 +96,7 @@ __all__ = [
     "WriteItemType",
     "WriteResult",
     "__version__",
+    "async_save",
     "load",
     "load_state_dict",
     "save",

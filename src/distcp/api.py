@@ -29,6 +29,7 @@ from distcp.filesystem.reader import FileSystemReader
 from distcp.filesystem.writer import FileSystemWriter
 from distcp.load_planner import DefaultLoadPlanner
 from distcp.metadata import STATE_DICT_TYPE, Metadata
+from distcp.plan_cache import PLAN_CACHE, plan_digest
 from distcp.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
@@ -147,7 +148,16 @@ def _save(
         return writer.prepare_local_plan(planner.create_local_plan())
 
     def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
-        all_plans, metadata = planner.create_global_plan(all_plans)
+        caching = getattr(planner, "enable_plan_caching", False) is True
+        key = (type(planner), ranks.world_size, ranks.coordinator_rank)
+        digest = plan_digest(all_plans) if caching else b""
+        cached = PLAN_CACHE.lookup(key, digest) if caching else None
+        if cached is None:
+            all_plans, metadata = planner.create_global_plan(all_plans)
+            if caching:
+                PLAN_CACHE.store(key, digest, all_plans, metadata)
+        else:
+            all_plans, metadata = cached
         metadata_box.append(metadata)
         return writer.prepare_global_plan(all_plans)
 

@@ -57,3 +57,20 @@ def test_nccl_default_group_coordinates_over_gloo(tmp_path: Path) -> None:
         assert torch.cuda.memory_allocated() - before <= 2 * 128 * 128 * 4
     finally:
         dist.destroy_process_group()
+
+
+def test_many_device_tensors_stream_through_pinned_buffers(tmp_path: Path) -> None:
+    """Several CUDA items per file (one thread): each is copied to a pinned
+    buffer while the previous one is written, buffers alternating and growing."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    saved = {
+        f"t{n}": torch.randn(size, device="cuda", generator=generator)
+        for n, size in enumerate([5, 4096, 17, 100_000, 3, 65_536])
+    }
+    saved["view"] = saved["t3"][::3]  # non-contiguous: made contiguous on the device first
+    writer = distcp.FileSystemWriter(tmp_path, thread_count=1)
+    distcp.save(saved, storage_writer=writer, no_dist=True)
+    target = {key: torch.zeros_like(value) for key, value in saved.items()}
+    distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
+    for key, value in saved.items():
+        assert torch.equal(target[key], value), key

@@ -13,6 +13,7 @@ import torch
 
 from distcp import knobs
 from distcp.errors import CheckpointError, CheckpointExistsError
+from distcp.filesystem.device_copies import PinnedStager, StagedItem
 from distcp.filesystem.layout import (
     METADATA_FILE_NAME,
     data_file_name,
@@ -48,8 +49,8 @@ class FileSystemWriter(StorageWriter):
         single_file_per_rank: one data file per writer thread (True) or one per item.
         sync_files: fsync data and metadata before the commit is reported.
         thread_count: writer threads per rank.
-        per_thread_copy_ahead: bytes of device tensors each thread may stage
-            to host ahead of writing (accepted for DCP compatibility).
+        per_thread_copy_ahead: accepted for DCP compatibility; each thread
+            stages device tensors one item ahead through two pinned buffers.
         overwrite: replace a committed checkpoint at ``path``; with False, a save
             into a committed checkpoint raises :class:`CheckpointExistsError`.
         checksum_block_size: bytes covered by each crc32c checksum.
@@ -167,14 +168,21 @@ class FileSystemWriter(StorageWriter):
     ) -> list[WriteResult]:
         results = []
         block = self.checksum_block_size
+        stager = PinnedStager()
         with open(self.path / name, "wb", buffering=knobs.WRITE_BUFFER_SIZE) as file:
             position = 0
-            for item in items:
+            # Stay one item ahead: a device tensor's copy to pinned memory runs
+            # while the previous item is written.
+            upcoming = [_item_data(item, planner, stager) for item in items[:1]]
+            for n, item in enumerate(items):
+                if n + 1 < len(items):
+                    upcoming.append(_item_data(items[n + 1], planner, stager))
+                data = upcoming.pop(0).ready()
+                _check_size(item, data)
                 padding = -position % knobs.CHUNK_ALIGNMENT
                 if padding:
                     file.write(bytes(padding))
                     position += padding
-                data = _item_data(item, planner)
                 file.write(data)
                 info = StorageInfo(name, position, len(data), block_checksums(data, block), block)
                 results.append(WriteResult(item.index, len(data), info))
@@ -200,23 +208,27 @@ def _item_bytes(item: WriteItem) -> int:
     return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
 
 
-def _item_data(item: WriteItem, planner: SavePlanner) -> memoryview:
+def _item_data(item: WriteItem, planner: SavePlanner, stager: PinnedStager) -> StagedItem:
     data = planner.resolve_data(item)
     if item.type == WriteItemType.BYTE_IO:
         if isinstance(data, torch.Tensor):
             raise CheckpointError(
                 f"key {item.index.fqn!r}: resolve_data returned a tensor for a BYTE_IO item"
             )
-        return data.getbuffer()
+        return StagedItem(data.getbuffer())
     if not isinstance(data, torch.Tensor):
         raise CheckpointError(
             f"key {item.index.fqn!r}: resolve_data returned {type(data).__name__} for a tensor item"
         )
-    view = host_bytes(data)
-    expected = item.tensor_storage_size()
-    if expected is not None and len(view) != expected:
+    if data.is_cuda:
+        return stager.stage(data)
+    return StagedItem(host_bytes(data))
+
+
+def _check_size(item: WriteItem, data: memoryview) -> None:
+    expected = item.tensor_storage_size() if item.type != WriteItemType.BYTE_IO else None
+    if expected is not None and len(data) != expected:
         raise CheckpointError(
-            f"key {item.index.fqn!r}: resolve_data returned {len(view)} bytes but the plan "
+            f"key {item.index.fqn!r}: resolve_data returned {len(data)} bytes but the plan "
             f"says {expected} (shape or dtype changed between planning and writing)"
         )
-    return view

@@ -10,6 +10,7 @@ with a pickle-free, specified format (``docs/format.md``), checksums verified on
 load, and atomic commits that never damage the last good checkpoint.
 """
 
+from distcp import state_dict, training
 from distcp.api import load, load_state_dict, save, save_state_dict
 from distcp.async_save import AsyncCheckpointerType, async_save
 from distcp.errors import (
@@ -101,4 +102,6 @@ __all__ = [
     "load_state_dict",
     "save",
     "save_state_dict",
+    "state_dict",
+    "training",
 ]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from distcp.errors import CheckpointError, DistributedCheckpointError, RemoteError
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "cpu_group"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,7 +52,7 @@ class Coordinator:
         if self.distributed:
             group = process_group or dist.group.WORLD
             assert group is not None
-            self.group = _cpu_group(group)
+            self.group = cpu_group(group)
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
         else:
@@ -203,7 +203,7 @@ def _sendable(error: BaseException) -> BaseException:
     return RemoteError(type(error).__qualname__, str(error), trace)
 
 
-def _cpu_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+def cpu_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     """A group over the same ranks that can run object collectives on CPU."""
     backend = str(dist.get_backend(group))
     if "gloo" in backend:

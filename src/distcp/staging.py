@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.distributed._shard.sharded_tensor.shard import Shard as ShardedTensorShard
 from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+from torch.distributed._shard.sharded_tensor.shard import Shard as ShardedTensorShard
 from torch.distributed.tensor import DTensor
 
 from distcp.metadata import STATE_DICT_TYPE

@@ -294,20 +294,20 @@ def test_a_chunk_several_local_pieces_need_is_read_once(
     saved = random_tensor((8, 6), torch.float32, 3)
     writer = distcp.FileSystemWriter(tmp_path, checksum_block_size=64)
     distcp.save({"w": saved}, storage_writer=writer, no_dist=True)
-    mapped: list[int] = []
-    original = chunk_reader._MappedChunk.__init__
+    reads: list[int] = []
+    original = chunk_reader.ChunkReader.read
 
-    def counting(self: Any, path: Path, info: Any) -> None:
-        mapped.append(info.offset)
-        original(self, path, info)
+    def counting(self: Any, targets: list[Any], report: Any) -> Any:
+        reads.append(len(targets))
+        return original(self, targets, report)
 
-    monkeypatch.setattr(chunk_reader._MappedChunk, "__init__", counting)
+    monkeypatch.setattr(chunk_reader.ChunkReader, "read", counting)
     planner = TwoRegionPlanner()
     reader = distcp.FileSystemReader(tmp_path)
     distcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     assert raw(planner.pieces[0]) == raw(saved[:, :3])
     assert raw(planner.pieces[1]) == raw(saved[:, 3:])
-    assert len(mapped) == 1  # one mapping, both pieces copied from it
+    assert reads == [2]  # the chunk is read once, both pieces copied from it
     report = reader.report
     assert report.bytes_read == report.bytes_needed == saved.numel() * 4
     # The two pieces tile the chunk, so its split blocks are verified jointly

@@ -21,6 +21,7 @@ import os
 import warnings
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from distcp.distributed import Coordinator
@@ -213,7 +214,11 @@ def _load(
 
 
 def _is_stateful(value: Any) -> bool:
-    return isinstance(value, Stateful) and not isinstance(value, type)
+    """``isinstance(value, Stateful)``, answered without the (slow) runtime
+    Protocol check for the plain values most state dicts are made of."""
+    if isinstance(value, (torch.Tensor, dict, list, tuple, str, bytes, int, float, type)):
+        return False
+    return isinstance(value, Stateful)
 
 
 def _resolve_stateful(state_dict: STATE_DICT_TYPE) -> STATE_DICT_TYPE:

@@ -22,7 +22,6 @@ Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
@@ -37,6 +36,7 @@ import torch
 from distcp import knobs
 from distcp.errors import CorruptCheckpointError
 from distcp.filesystem.block_verification import BlockKey, block_length
+from distcp.filesystem.file_mappings import MappedFile
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import writable_bytes
 from distcp.geometry import Box, byte_runs, is_contiguous, strides_for
@@ -70,11 +70,11 @@ class _Placed:
 
 
 class ChunkReader:
-    """Reads regions of the chunk stored at ``info`` in the file at ``path``."""
+    """Reads regions of the chunk stored at ``info`` in the mapped file."""
 
     def __init__(
         self,
-        path: Path,
+        mapped: MappedFile,
         index: MetadataIndex,
         info: StorageInfo,
         dtype: torch.dtype,
@@ -83,7 +83,8 @@ class ChunkReader:
         verify: bool,
         cooperative: bool,
     ) -> None:
-        self.path, self.index, self.info = path, index, info
+        self.mapped, self.index, self.info = mapped, index, info
+        self.path = mapped.path
         self.dtype, self.sizes = dtype, sizes
         self.verify, self.cooperative = verify, cooperative
         self.itemsize = dtype.itemsize
@@ -95,10 +96,8 @@ class ChunkReader:
         """Fill every target's destination; return this rank's masked crcs of
         split blocks (empty unless the chunk is cooperative)."""
         placed = [self._place(t) for t in targets if not t.region.is_empty]
-        distinct_bytes = (
-            len({p.target.region for p in placed})
-            and sum(region.numel for region in {p.target.region for p in placed}) * self.itemsize
-        )
+        distinct = {p.target.region for p in placed}
+        distinct_bytes = sum(region.numel for region in distinct) * self.itemsize
         report.add(
             needed=sum(p.target.region.numel for p in placed) * self.itemsize,
             read=distinct_bytes,
@@ -107,20 +106,23 @@ class ChunkReader:
             return {}
         blocks = _BlockPlan(self, placed) if self.verify else None
         masked: dict[BlockKey, int] = {}
-        with _map_chunk(self.path, self.info) as mapped:
-            source = _aligned(mapped.data, self.itemsize)
-            typed = source.view(self.dtype).reshape(self.sizes)
-            checked = writable_bytes(source)
-            for start, end in self._windows(placed):
-                mapped.prefetch(end, end + (end - start))
-                staged: _Staged | None = None
-                if blocks is not None:
-                    blocks.verify_window(checked, start, end, report)
-                    staged = blocks.mask_window(typed, start, end)
-                    if staged is not None:
-                        masked.update(staged.masked)
-                self._copy_rows(placed, typed, start, end, staged)
-                mapped.release(end)
+        offset, length = self.info.offset, self.info.length
+        source = _aligned(self.mapped.bytes[offset : offset + length], self.itemsize)
+        typed = source.view(self.dtype).reshape(self.sizes)
+        checked = writable_bytes(source)
+        released = 0
+        for start, end in self._windows(placed):
+            if end - start < length:  # the chunk spans several windows
+                self.mapped.prefetch(offset + end, offset + end + (end - start))
+            staged: _Staged | None = None
+            if blocks is not None:
+                blocks.verify_window(checked, start, end, report)
+                staged = blocks.mask_window(typed, start, end)
+                if staged is not None:
+                    masked.update(staged.masked)
+            self._copy_rows(placed, typed, start, end, staged)
+            self.mapped.release(offset + released, offset + end)
+            released = end
         if self.verify and not masked:
             report.add(verified=distinct_bytes)
         elif masked:
@@ -336,51 +338,6 @@ def _aligned(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     if data.data_ptr() % itemsize:
         return data.clone()
     return data
-
-
-class _MappedChunk:
-    """A chunk's bytes mapped read-only (copy-on-write, never written)."""
-
-    def __init__(self, path: Path, info: StorageInfo) -> None:
-        self.base = info.offset // _PAGE * _PAGE
-        self.skip = info.offset - self.base
-        with open(path, "rb") as file:
-            self.mapping = mmap.mmap(
-                file.fileno(), self.skip + info.length, access=mmap.ACCESS_COPY, offset=self.base
-            )
-        self.data = torch.frombuffer(
-            self.mapping, dtype=torch.uint8, count=info.length, offset=self.skip
-        )
-        self.released = 0
-
-    def prefetch(self, start: int, end: int) -> None:
-        """Ask the kernel to start reading chunk bytes ``[start, end)``."""
-        begin = (self.skip + start) // _PAGE * _PAGE
-        stop = min(self.skip + end, len(self.mapping))
-        if begin < stop:
-            self.mapping.madvise(mmap.MADV_WILLNEED, begin, stop - begin)
-
-    def release(self, end: int) -> None:
-        """Drop the mapped pages before chunk byte ``end`` from this process
-        (they stay in the page cache)."""
-        stop = (self.skip + end) // _PAGE * _PAGE
-        if stop > self.released:
-            self.mapping.madvise(mmap.MADV_DONTNEED, self.released, stop - self.released)
-            self.released = stop
-
-    def close(self) -> None:
-        del self.data
-        with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
-            self.mapping.close()
-
-
-@contextlib.contextmanager
-def _map_chunk(path: Path, info: StorageInfo) -> Iterator[_MappedChunk]:
-    mapped = _MappedChunk(path, info)
-    try:
-        yield mapped
-    finally:
-        mapped.close()
 
 
 def read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:

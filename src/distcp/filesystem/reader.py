@@ -35,6 +35,7 @@ from distcp.filesystem.block_verification import (
     verify_masked_crcs,
 )
 from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget, read_exactly
+from distcp.filesystem.file_mappings import FileMappings
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
@@ -145,21 +146,26 @@ class FileSystemReader(StorageReader):
 
         planner_lock = threading.Lock()
         tasks = sorted(by_item.items(), key=lambda kv: -storage[kv[0]].length)
-        with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as pool:
-            futures = [
-                pool.submit(
-                    self._read_chunk,
-                    index,
-                    storage[index],
-                    items,
-                    planner,
-                    planner_lock,
-                    verification,
-                )
-                for index, items in tasks
-            ]
-            for done in futures:
-                self._masked.update(done.result())
+        mappings = FileMappings(self.path)
+        try:
+            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as pool:
+                futures = [
+                    pool.submit(
+                        self._read_chunk,
+                        mappings,
+                        index,
+                        storage[index],
+                        items,
+                        planner,
+                        planner_lock,
+                        verification,
+                    )
+                    for index, items in tasks
+                ]
+                for done in futures:
+                    self._masked.update(done.result())
+        finally:
+            mappings.close()
         log.debug(
             "distcp load: %d items, %d bytes needed, %d read (×%.3f), %d verified, "
             "%d blocks split between ranks",
@@ -216,6 +222,7 @@ class FileSystemReader(StorageReader):
 
     def _read_chunk(
         self,
+        mappings: FileMappings,
         index: MetadataIndex,
         info: StorageInfo,
         items: list[ReadItem],
@@ -239,7 +246,7 @@ class FileSystemReader(StorageReader):
             contributes = (index, region.offsets) in verification.contributes
             targets.append(ReadTarget(region, dest, contributes))
         reader = ChunkReader(
-            path,
+            mappings.get(info.relative_path),
             index,
             info,
             entry.properties.dtype,

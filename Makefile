@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest clean
+.PHONY: setup demo test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
@@ -23,14 +23,20 @@ demo: setup
 test: lint typecheck pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src tests examples bench
 
 typecheck: setup
 	$(VENV)/bin/mypy
 
 pytest: setup
 	$(PY) -m pytest -q
+
+# distcp vs torch DCP vs torch.save vs raw I/O, 1 GiB, all scenarios (a few minutes on a
+# quiet machine); writes bench/results/latest.json and latest.md. Pass options with
+# BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-gib 0.0625 --rounds 1".
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -31,7 +31,7 @@ from bench.peers import PEERS
 from bench.pool import RankPool
 from bench.scenarios import SCENARIOS, Phase, Scenario, build_scenarios, small_count_for
 
-LIBRARIES = ["distcp", "torch-dcp", "torch.save", "raw", "memcpy"]
+LIBRARIES = ["distcp", "distcp-async", "torch-dcp", "torch.save", "raw", "memcpy"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -242,6 +242,8 @@ def _run_phase(
         other = summary["results"][lib]
         if phase.timed and "median_s" in distcp and "median_s" in other:
             summary["ratios"][lib] = other["median_s"] / distcp["median_s"]
+        if "blocking_median_s" in other and "median_s" in distcp:
+            other["blocking_vs_sync_save"] = other["blocking_median_s"] / distcp["median_s"]
     return summary
 
 
@@ -281,6 +283,13 @@ def _summarise(record: dict[str, Any], nbytes: int, phase: Phase) -> dict[str, A
     runs = record["runs"]
     if not runs or "error" in record:
         return out
+    blocking = [
+        max(f["blocking_s"] for f in run["facts"])
+        for run in runs
+        if all("blocking_s" in f for f in run["facts"])
+    ]
+    if blocking:
+        out["blocking_median_s"] = Summary.of(blocking).median
     seconds = Summary.of([r["seconds"] for r in runs])
     peaks = [max(r["rss_extra"]) for r in runs]
     out.update(

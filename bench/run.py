@@ -284,9 +284,9 @@ def _summarise(record: dict[str, Any], nbytes: int, phase: Phase) -> dict[str, A
     if not runs or "error" in record:
         return out
     blocking = [
-        max(f["blocking_s"] for f in run["facts"])
+        max(f["blocking_s"] for f in run["facts"] if "blocking_s" in f)
         for run in runs
-        if all("blocking_s" in f for f in run["facts"])
+        if any("blocking_s" in f for f in run["facts"])
     ]
     if blocking:
         out["blocking_median_s"] = Summary.of(blocking).median

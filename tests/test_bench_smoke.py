@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = {"distcp", "torch-dcp", "torch.save", "raw", "memcpy"}
+LIBRARIES = {"distcp", "distcp-async", "torch-dcp", "torch.save", "raw", "memcpy"}
 
 
 def test_bench_runs_and_verifies(tmp_path: Path) -> None:
@@ -44,7 +44,9 @@ def test_bench_runs_and_verifies(tmp_path: Path) -> None:
     for scenario in results["scenarios"]:
         for phase in scenario["phases"]:
             where = f"{scenario['name']}: {phase['name']}"
-            expected = LIBRARIES if phase["op"] == "load" else LIBRARIES - {"memcpy"}
+            expected = (
+                LIBRARIES - {"distcp-async"} if phase["op"] == "load" else LIBRARIES - {"memcpy"}
+            )
             assert set(phase["results"]) == expected, where
             assert phase["bytes"] > 0, where
             for lib, record in phase["results"].items():
@@ -58,6 +60,8 @@ def test_bench_runs_and_verifies(tmp_path: Path) -> None:
                     else:
                         assert record["verified"] is True, (where, lib)
             assert phase["ratios"]["distcp"] == 1.0
+            if phase["op"] == "save":  # the async save's blocking part is reported
+                assert phase["results"]["distcp-async"]["blocking_median_s"] > 0, where
             assert all(r > 0 for r in phase["ratios"].values()), where
             if phase["op"] == "load":
                 report = phase["results"]["distcp"]["report"]

@@ -1,0 +1,146 @@
+"""Train with FSDP2, checkpoint every few steps, and resume after a restart,
+on the same or a different number of ranks.
+
+    python examples/train_resume.py --ckpt-dir DIR [--steps 20] [--save-every 5]
+                                    [--world-size 2] [--global-batch 16]
+
+Trains ``TinyLM`` (``tiny_lm.py``) on ``--world-size`` gloo ranks (CPU), each
+block and the root wrapped with ``fully_shard``, with AdamW on synthetic
+tokens, up to step ``--steps``. Every ``--save-every`` steps, and at the last
+step, the whole training state (model, optimizer, step, RNG streams and the
+data sampler's position: one ``distcp.training.TrainingState``) is saved to
+``DIR/step-<N>``.
+
+On start it resumes from the latest committed checkpoint in ``DIR``: the
+``step-<N>`` directory with the highest N that holds ``.metadata.distcp``
+(the file a save writes last, so a save that crashed midway is passed over).
+Resuming on another world size works: each rank loads its new shards, and
+the sampler continues from the same global sample. Keep ``--global-batch``
+(sequences per step over all ranks) the same to continue the same run.
+
+Example: train 4 steps on 2 ranks, then continue to step 6 on 1 rank::
+
+    python examples/train_resume.py --ckpt-dir /tmp/run --steps 4 --save-every 2 --world-size 2
+    python examples/train_resume.py --ckpt-dir /tmp/run --steps 6 --save-every 2 --world-size 1
+
+The second run prints ``resumed from /tmp/run/step-4 at step 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.multiprocessing.spawn import ProcessException
+
+import distcp
+from distcp.training import ResumableSampler, TrainingState
+
+# isort: split
+from tiny_lm import (  # examples/tiny_lm.py: the model, its layouts, data, launcher
+    Config,
+    TinyLM,
+    apply_fsdp2,
+    launch,
+    loss_on,
+    synthetic_tokens,
+)
+
+DATASET = 4096  # sequences
+CONFIG = Config()
+COMMITTED = ".metadata.distcp"  # written last by a save: its presence means committed
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The committed ``step-<N>`` checkpoint with the highest N, if any."""
+    committed = [
+        (int(match.group(1)), path)
+        for path in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+        if (match := CHECKPOINT_NAME.fullmatch(path.name)) and (path / COMMITTED).is_file()
+    ]
+    return max(committed)[1] if committed else None
+
+
+def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
+    if rank != 0:  # the warning that RNG streams continue on another world size: once
+        warnings.filterwarnings("ignore", message="RNGState: ")
+    model = apply_fsdp2(TinyLM(CONFIG, seed=0), init_device_mesh("cpu", (world_size,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    sampler = ResumableSampler(DATASET, num_replicas=world_size, rank=rank, seed=0)
+    state = TrainingState(model, optimizer, extras={"sampler": sampler})
+    data = synthetic_tokens(DATASET, CONFIG)
+
+    checkpoint = latest_checkpoint(args.ckpt_dir)
+    if checkpoint is None:
+        log(f"no checkpoint in {args.ckpt_dir}: starting at step 0 on {ranks(world_size)}")
+    else:
+        distcp.load({"app": state}, checkpoint_id=checkpoint)
+        log(
+            f"resumed from {checkpoint} at step {state.step} on {ranks(world_size)} "
+            f"(sample {sampler.position} of epoch {sampler.epoch})"
+        )
+
+    per_rank = args.global_batch // world_size
+    while state.step < args.steps:
+        if len(sampler) < per_rank:  # this epoch's data is used up
+            sampler.set_epoch(sampler.epoch + 1)
+        indices = list(islice(iter(sampler), per_rank))
+        loss = loss_on(model, data[indices])
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        sampler.advance(args.global_batch)
+        state.step += 1
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        log(f"step {state.step:4d}  loss {total.item() / world_size:.4f}")
+        if state.step % args.save_every == 0 or state.step == args.steps:
+            path = args.ckpt_dir / f"step-{state.step}"
+            distcp.save({"app": state}, checkpoint_id=path)
+            log(f"saved {path}")
+    log(f"done: step {state.step}")
+
+
+def ranks(count: int) -> str:
+    return f"{count} rank" if count == 1 else f"{count} ranks"
+
+
+def log(line: str) -> None:
+    if dist.get_rank() == 0:
+        print(line)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ckpt-dir", type=Path, required=True, help="where step-<N> go")
+    parser.add_argument("--steps", type=int, default=20, help="train up to this step")
+    parser.add_argument("--save-every", type=int, default=5, help="save every N steps")
+    parser.add_argument("--world-size", type=int, default=2, help="number of ranks")
+    parser.add_argument("--global-batch", type=int, default=16, help="sequences a step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    args = parser.parse_args()
+    if args.global_batch % args.world_size:
+        parser.error("--global-batch must be a multiple of --world-size")
+    if args.save_every < 1 or args.world_size < 1:
+        parser.error("--save-every and --world-size must be positive")
+    args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        launch(run, args.world_size, args)
+    except ProcessException as error:
+        print(f"FAILED: a rank failed\n{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

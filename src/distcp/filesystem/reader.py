@@ -145,25 +145,26 @@ class FileSystemReader(StorageReader):
             verification = VerificationPlan()  # no joint plan: verify every block alone
 
         planner_lock = threading.Lock()
-        tasks = sorted(by_item.items(), key=lambda kv: -storage[kv[0]].length)
         mappings = FileMappings(self.path)
-        try:
-            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as pool:
-                futures = [
-                    pool.submit(
-                        self._read_chunk,
-                        mappings,
-                        index,
-                        storage[index],
-                        items,
-                        planner,
-                        planner_lock,
-                        verification,
+
+        def read_bucket(bucket: list[tuple[MetadataIndex, list[ReadItem]]]) -> dict[BlockKey, int]:
+            masked: dict[BlockKey, int] = {}
+            for index, items in bucket:
+                masked.update(
+                    self._read_chunk(
+                        mappings, index, storage[index], items, planner, planner_lock, verification
                     )
-                    for index, items in tasks
-                ]
-                for done in futures:
-                    self._masked.update(done.result())
+                )
+            return masked
+
+        buckets = _balanced(list(by_item.items()), self.thread_count, storage)
+        try:
+            if len(buckets) == 1:  # one thread's worth: no pool
+                self._masked.update(read_bucket(buckets[0]))
+            else:
+                with ThreadPoolExecutor(len(buckets), thread_name_prefix="distcp-read") as pool:
+                    for masked in pool.map(read_bucket, buckets):
+                        self._masked.update(masked)
         finally:
             mappings.close()
         log.debug(
@@ -291,3 +292,21 @@ class FileSystemReader(StorageReader):
         for item in items:
             with lock:
                 planner.load_bytes(item, io.BytesIO(bytes(data)))
+
+
+def _balanced(
+    tasks: list[tuple[MetadataIndex, list[ReadItem]]],
+    threads: int,
+    storage: dict[MetadataIndex, StorageInfo],
+) -> list[list[tuple[MetadataIndex, list[ReadItem]]]]:
+    """The chunks split over at most ``threads`` lists of about equal bytes
+    (largest first onto the lightest), one list per reader thread: a thread
+    runs through its list, so thousands of small chunks cost no future each."""
+    count = max(1, min(threads, len(tasks)))
+    buckets: list[list[tuple[MetadataIndex, list[ReadItem]]]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for task in sorted(tasks, key=lambda task: -storage[task[0]].length):
+        lightest = loads.index(min(loads))
+        buckets[lightest].append(task)
+        loads[lightest] += storage[task[0]].length + 4096  # a chunk costs some work too
+    return buckets

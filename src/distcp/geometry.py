@@ -40,6 +40,7 @@ __all__ = [
     "contains",
     "covering_range",
     "find_overlap",
+    "find_overlap_of",
     "intersect",
     "is_contiguous",
     "split_evenly",
@@ -188,10 +189,15 @@ def contains(outer: Box, inner: Box) -> bool:
     )
 
 
-def _boxes_overlap(a: Box, b: Box) -> bool:
+def _spans_overlap(
+    a_offsets: tuple[int, ...],
+    a_sizes: tuple[int, ...],
+    b_offsets: tuple[int, ...],
+    b_sizes: tuple[int, ...],
+) -> bool:
     return all(
         max(ao, bo) < min(ao + as_, bo + bs)
-        for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+        for ao, as_, bo, bs in zip(a_offsets, a_sizes, b_offsets, b_sizes, strict=True)
     )
 
 
@@ -212,25 +218,63 @@ def find_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
     for box in boxes:
         if box.ndim != ndim:
             raise ValueError(f"boxes have different ndim: {boxes[0]} vs {box}")
-    live = [i for i, box in enumerate(boxes) if not box.is_empty]
+    return find_overlap_of([box.offsets for box in boxes], [box.sizes for box in boxes])
+
+
+def find_overlap_of(
+    offsets: Sequence[tuple[int, ...]], sizes: Sequence[tuple[int, ...]]
+) -> tuple[int, int] | None:
+    """:func:`find_overlap` of the boxes ``Box(offsets[i], sizes[i])``, given
+    as two parallel lists of tuples that are already valid box fields (plain
+    non-negative ints, one ndim for all), so no :class:`Box` need be built:
+    the coordinator checks a million chunks with it.
+
+    Same answer as :func:`find_overlap`, the same pair included. A cheap test
+    comes first: when the boxes' ranges along the swept dimension are already
+    pairwise disjoint (every sharded layout), no two boxes can share an element
+    and the sweep is skipped.
+    """
+    live = [i for i, box_sizes in enumerate(sizes) if 0 not in box_sizes]
     if len(live) < 2:
         return None
+    ndim = len(sizes[live[0]])
     if ndim == 0:
         return live[0], live[1]  # every 0-d box is the same single element
 
-    dim = max(range(ndim), key=lambda d: (len({boxes[i].offsets[d] for i in live}), -d))
-    live.sort(key=lambda i: boxes[i].offsets[dim])
+    live_offsets = [offsets[i] for i in live] if len(live) < len(offsets) else offsets
+    dim = max(
+        range(ndim),
+        key=lambda d: (len(set(map(operator.itemgetter(d), live_offsets))), -d),
+    )
+    if _disjoint_along(dim, live_offsets, [sizes[i] for i in live]):
+        return None
+
+    live.sort(key=lambda i: offsets[i][dim])
     active: list[tuple[int, int]] = []  # heap of (end along dim, index)
     for i in live:
-        box = boxes[i]
-        start = box.offsets[dim]
+        start = offsets[i][dim]
         while active and active[0][0] <= start:
             heapq.heappop(active)
         for _, j in active:
-            if _boxes_overlap(box, boxes[j]):
+            if _spans_overlap(offsets[i], sizes[i], offsets[j], sizes[j]):
                 return (i, j) if i < j else (j, i)
-        heapq.heappush(active, (start + box.sizes[dim], i))
+        heapq.heappush(active, (start + sizes[i][dim], i))
     return None
+
+
+def _disjoint_along(
+    dim: int, offsets: Sequence[tuple[int, ...]], sizes: Sequence[tuple[int, ...]]
+) -> bool:
+    """True when the ranges along ``dim`` of these non-empty boxes are pairwise
+    disjoint (then so are the boxes). Sorted by start, ranges are pairwise
+    disjoint exactly when each starts at or after the end of the one before."""
+    starts = list(map(operator.itemgetter(dim), offsets))
+    ends = list(map(operator.add, starts, map(operator.itemgetter(dim), sizes)))
+    if not all(map(operator.le, starts, starts[1:])):
+        spans = sorted(zip(starts, ends, strict=True))
+        starts = [start for start, _ in spans]
+        ends = [end for _, end in spans]
+    return all(map(operator.ge, starts[1:], ends))
 
 
 def split_evenly(size: int, parts: int, index: int) -> tuple[int, int]:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections import defaultdict
-from typing import Any
+import itertools
+import math
+import operator
+from typing import Any, NoReturn
 
 import torch
 
 from distcp.dtypes import dtype_name
 from distcp.errors import CheckpointError, ShapeMismatchError, UnsupportedValueError
 from distcp.flatten import Path, flatten_state_dict
-from distcp.geometry import Box, find_overlap
+from distcp.geometry import Box, find_overlap, find_overlap_of
 from distcp.metadata import (
     STATE_DICT_TYPE,
     BytesStorageMetadata,
@@ -134,11 +136,25 @@ class DefaultSavePlanner(SavePlanner):
         state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         paths: dict[str, list[str | int]] = {}
         for rank, plan in enumerate(plans):
-            if isinstance(plan.planner_data, dict):  # a subclass may keep its own data there
-                for key, path in plan.planner_data.items():
+            data = plan.planner_data
+            # A subclass may keep its own data there; most ranks add no new key.
+            if isinstance(data, dict) and not data.keys() <= paths.keys():
+                for key, path in data.items():
                     paths.setdefault(key, path)
             for item in plan.items:
-                _add_to_metadata(state, item, rank)
+                # Fast path: a chunk of a tensor already in ``state`` with the same
+                # shape and dtype; anything else (and every error) in _add_to_metadata.
+                tensor = item.tensor_data
+                existing = state.get(item.index.fqn) if tensor is not None else None
+                if (
+                    type(existing) is TensorStorageMetadata
+                    and tensor is not None
+                    and existing.size == tensor.size
+                    and existing.properties.dtype == tensor.properties.dtype
+                ):
+                    existing.chunks.append(tensor.chunk)
+                else:
+                    _add_to_metadata(state, item, rank)
         for key, entry in state.items():
             if isinstance(entry, TensorStorageMetadata):
                 _check_chunks(key, entry)
@@ -156,44 +172,168 @@ class DefaultSavePlanner(SavePlanner):
         return self._tensors[write_item.index]
 
 
+_INDEX = operator.attrgetter("index")
+_FQN = operator.attrgetter("fqn")
+_OFFSET = operator.attrgetter("offset")
+
+
 def _dedup_replicated(plans: list[SavePlan], *, balance: bool) -> list[SavePlan]:
     """Keep each item (same key and chunk offsets) in one rank's plan only.
 
     Values are kept on the lowest rank holding them. Tensor chunks go, largest
     first, to the rank holding them with the fewest bytes assigned so far, so
     replicated state is written once and its writing is shared out.
+
+    Linear in the number of items, with the per-item work in C (``map``,
+    ``dict``): each distinct item gets a number, and only the items on more
+    than one rank (or twice on one) are looked at one by one.
     """
-    holders: dict[MetadataIndex, list[int]] = defaultdict(list)
-    first_item: dict[MetadataIndex, WriteItem] = {}
-    for rank, plan in enumerate(plans):
-        for item in plan.items:
-            holders[item.index].append(rank)
-            reference = first_item.setdefault(item.index, item)
-            if item.tensor_data != reference.tensor_data or item.type != reference.type:
+    items_of = [plan.items for plan in plans]
+    keys_of = [_index_keys(items) for items in items_of]
+    # Items are drawn numbers 0, 1, 2, ... in (rank, position) order, and each
+    # distinct key keeps the number of its first occurrence: an item whose
+    # number is not its own draw repeats an earlier one, which is then shared.
+    numbers: dict[tuple[type, str, Any], int] = {}
+    draws = itertools.count()
+    numbers_of: list[list[int]] = []
+    shared: set[int] = set()
+    first_draw = 0
+    for keys in keys_of:
+        mine = list(map(numbers.setdefault, keys, draws))
+        repeats = list(map(operator.ne, mine, range(first_draw, first_draw + len(mine))))
+        if any(repeats):
+            shared.update(itertools.compress(mine, repeats))
+        numbers_of.append(mine)
+        first_draw += len(mine)
+
+    holders: dict[int, list[int]] = {}  # per shared item: the ranks holding it, ascending
+    first_item: dict[int, WriteItem] = {}  # per shared item: the lowest rank's copy
+    shared_at: list[list[int]] = []  # per rank: the positions of its shared items
+    for rank, (items, mine) in enumerate(zip(items_of, numbers_of, strict=True)):
+        positions = (
+            []
+            if shared.isdisjoint(mine)
+            else [p for p, number in enumerate(mine) if number in shared]
+        )
+        shared_at.append(positions)
+        for position in positions:
+            number, item = mine[position], items[position]
+            ranks = holders.setdefault(number, [])
+            ranks.append(rank)
+            reference = first_item.setdefault(number, item)
+            if _differs(item, reference):
                 raise ShapeMismatchError(
-                    f"key {item.index.fqn!r}: rank {holders[item.index][0]} and rank {rank} "
+                    f"key {item.index.fqn!r}: rank {ranks[0]} and rank {rank} "
                     f"hold it with different shapes, dtypes or kinds "
                     f"({_describe(reference)} vs {_describe(item)})"
                 )
-    loads = [0] * len(plans)
-    owner: dict[MetadataIndex, int] = {}
-    for index, ranks in holders.items():
-        if len(ranks) == 1 or first_item[index].type == WriteItemType.BYTE_IO or not balance:
-            owner[index] = ranks[0]
-            loads[ranks[0]] += _size(first_item[index])
-    replicated = [index for index, ranks in holders.items() if index not in owner]
-    replicated.sort(key=lambda index: -_size(first_item[index]))
-    for index in replicated:
-        rank = min(holders[index], key=lambda r: (loads[r], r))
-        owner[index] = rank
-        loads[rank] += _size(first_item[index])
+
+    # An item on one rank is written by it; a shared one by the lowest rank
+    # holding it unless it is a tensor chunk to balance.
+    owner = {number: ranks[0] for number, ranks in holders.items()}
+    replicated = [
+        number for number in holders if balance and first_item[number].type != WriteItemType.BYTE_IO
+    ]
+    if replicated:
+        _balance(replicated, holders, first_item, owner, items_of, numbers_of)
     return [
-        dataclasses.replace(plan, items=[item for item in plan.items if owner[item.index] == rank])
-        for rank, plan in enumerate(plans)
+        dataclasses.replace(
+            plan,
+            items=_without(items, [p for p in positions if owner[mine[p]] != rank]),
+        )
+        for rank, (plan, items, mine, positions) in enumerate(
+            zip(plans, items_of, numbers_of, shared_at, strict=True)
+        )
     ]
 
 
+def _differs(item: WriteItem, reference: WriteItem) -> bool:
+    """``item.tensor_data != reference.tensor_data or item.type != reference.type``,
+    with distcp's own dataclasses compared field by field (their ``__eq__``
+    builds a tuple of fields at every level; a replicated model compares
+    a million items)."""
+    a, b = item.tensor_data, reference.tensor_data
+    if (
+        type(a) is TensorWriteData
+        and type(b) is TensorWriteData
+        and type(a.chunk) is ChunkStorageMetadata
+        and type(b.chunk) is ChunkStorageMetadata
+        and type(a.properties) is TensorProperties
+        and type(b.properties) is TensorProperties
+    ):
+        pa, pb = a.properties, b.properties
+        same = (
+            a.chunk.offsets == b.chunk.offsets
+            and a.chunk.sizes == b.chunk.sizes
+            and pa.dtype == pb.dtype
+            and pa.layout == pb.layout
+            and pa.requires_grad == pb.requires_grad
+            and pa.memory_format == pb.memory_format
+            and pa.pin_memory == pb.pin_memory
+            and a.size == b.size
+        )
+        return not same or item.type != reference.type
+    return a != b or item.type != reference.type
+
+
+def _without(items: list[WriteItem], drop: list[int]) -> list[WriteItem]:
+    """A new list of ``items`` but those at the (ascending) positions ``drop``."""
+    kept: list[WriteItem] = []
+    start = 0
+    for position in drop:
+        kept += items[start:position]
+        start = position + 1
+    kept += items[start:]
+    return kept
+
+
+def _index_keys(items: list[WriteItem]) -> list[tuple[type, str, Any]]:
+    """Per item, a key equal for two items exactly when their ``MetadataIndex``
+    are (same class, fqn and offset; the ``index`` hint takes no part), and
+    cheaper to hash than the index (no Python ``__hash__``)."""
+    indices = list(map(_INDEX, items))
+    return list(zip(map(type, indices), map(_FQN, indices), map(_OFFSET, indices), strict=True))
+
+
+def _balance(
+    replicated: list[int],
+    holders: dict[int, list[int]],
+    first_item: dict[int, WriteItem],
+    owner: dict[int, int],
+    items_of: list[list[WriteItem]],
+    numbers_of: list[list[int]],
+) -> None:
+    """Give each replicated item, largest first, to the rank holding it with the
+    fewest bytes assigned so far (ties to the lowest rank), updating ``owner``.
+
+    Only the ranks holding a replicated item ever compete, so only their loads
+    (the bytes of every other item they write) are counted.
+    """
+    balanced = set(replicated)
+    loads: dict[int, int] = {}
+    for rank in sorted(set(itertools.chain.from_iterable(holders[n] for n in replicated))):
+        items, mine = items_of[rank], numbers_of[rank]
+        loads[rank] = sum(
+            _size(items[position]) for position, number in enumerate(mine) if number not in owner
+        )
+    for number, rank in owner.items():  # shared items with a fixed writer (values)
+        if number not in balanced and rank in loads:
+            loads[rank] += _size(first_item[number])
+    sizes = {number: _size(first_item[number]) for number in replicated}
+    # Largest first (a stable sort: equal sizes keep their order); ``min`` takes
+    # the first least loaded holder, and holders ascend, so ties go to the lowest rank.
+    replicated.sort(key=sizes.__getitem__, reverse=True)
+    for number in replicated:
+        rank = min(holders[number], key=loads.__getitem__)
+        owner[number] = rank
+        loads[rank] += sizes[number]
+
+
 def _size(item: WriteItem) -> int:
+    if type(item) is WriteItem and item.tensor_data is not None:
+        # WriteItem.tensor_storage_size, without the method call (a million items)
+        data = item.tensor_data
+        return math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
     size = item.tensor_storage_size()
     if size is not None:
         return size
@@ -233,20 +373,64 @@ def _add_to_metadata(
     existing.chunks.append(data.chunk)
 
 
+_OFFSETS = operator.attrgetter("offsets")
+_SIZES = operator.attrgetter("sizes")
+
+
 def _check_chunks(key: str, entry: TensorStorageMetadata) -> None:
-    """The chunks the ranks hold must tile the tensor: no overlap, no gap."""
-    entry.chunks.sort(key=lambda chunk: tuple(chunk.offsets))
-    boxes = [Box(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
-    overlap = find_overlap(boxes)
-    if overlap is not None:
-        i, j = overlap
-        raise CheckpointError(
-            f"key {key!r}: ranks hold overlapping pieces {boxes[i]} and {boxes[j]} that are "
-            "not the same replica; the sharding is inconsistent across ranks"
-        )
+    """The chunks the ranks hold must tile the tensor: no overlap, no gap.
+
+    Sorts ``entry.chunks`` by offsets. Works on the chunks' tuples with C-level
+    passes (no :class:`Box` per chunk) unless some chunk is not made of plain
+    non-negative ints of one ndim; that case takes the Box path, whose errors
+    it keeps.
+    """
+    chunks = entry.chunks
+    offsets = _as_tuples(list(map(_OFFSETS, chunks)))
+    order = sorted(range(len(chunks)), key=offsets.__getitem__)  # stable, like chunks.sort
+    if order != list(range(len(chunks))):
+        chunks[:] = [chunks[i] for i in order]
+        offsets = [offsets[i] for i in order]
+    sizes = _as_tuples(list(map(_SIZES, chunks)))
+    if (
+        not (_plain_fields(offsets) and _plain_fields(sizes))
+        or len(set(map(len, offsets)) | set(map(len, sizes))) > 1
+    ):
+        boxes = [Box(o, s) for o, s in zip(offsets, sizes, strict=True)]
+        overlap = find_overlap(boxes)
+        if overlap is not None:
+            _raise_overlap(key, boxes[overlap[0]], boxes[overlap[1]])
+        covered = sum(box.numel for box in boxes)
+    else:
+        overlap = find_overlap_of(offsets, sizes)
+        if overlap is not None:
+            i, j = overlap
+            _raise_overlap(key, Box(offsets[i], sizes[i]), Box(offsets[j], sizes[j]))
+        covered = sum(map(math.prod, sizes))
     numel = Box.full(tuple(entry.size)).numel
-    if sum(box.numel for box in boxes) != numel:
+    if covered != numel:
         raise CheckpointError(
-            f"key {key!r}: the ranks' pieces cover {sum(b.numel for b in boxes)} of its {numel} "
+            f"key {key!r}: the ranks' pieces cover {covered} of its {numel} "
             "elements; every element must be saved by some rank"
         )
+
+
+def _as_tuples(fields: list[Any]) -> list[tuple[int, ...]]:
+    """``fields`` as tuples: as they are when all are already tuples (a
+    ``torch.Size`` is one), else each converted."""
+    if set(map(type, fields)) <= {torch.Size, tuple}:
+        return fields
+    return list(map(tuple, fields))
+
+
+def _plain_fields(fields: list[tuple[int, ...]]) -> bool:
+    """Every entry a non-negative plain int (``Box`` would keep it as it is)."""
+    values = list(itertools.chain.from_iterable(fields))
+    return set(map(type, values)) <= {int} and min(values, default=0) >= 0
+
+
+def _raise_overlap(key: str, a: Box, b: Box) -> NoReturn:
+    raise CheckpointError(
+        f"key {key!r}: ranks hold overlapping pieces {a} and {b} that are "
+        "not the same replica; the sharding is inconsistent across ranks"
+    )

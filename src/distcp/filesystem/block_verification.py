@@ -61,36 +61,44 @@ class VerificationPlan:
 
 
 def plan_block_verification(plans: list[LoadPlan], metadata: Metadata) -> list[VerificationPlan]:
-    """Each rank's :class:`VerificationPlan`, from every rank's load plan."""
-    regions: dict[MetadataIndex, dict[Box, int]] = defaultdict(dict)
+    """Each rank's :class:`VerificationPlan`, from every rank's load plan.
+
+    A chunk read only whole (the same layout as saved, or replicated readers)
+    has no split blocks and is left out, so the common case costs one tuple
+    comparison per item."""
+    Region = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, lengths) in the chunk
+    regions: dict[MetadataIndex, dict[Region, int]] = defaultdict(dict)
     for rank, plan in enumerate(plans):
         for item in plan.items:
             if item.type == LoadItemType.TENSOR:
-                box = Box(tuple(item.storage_offsets), tuple(item.lengths))
-                regions[item.storage_index].setdefault(box, rank)
-    chunk_sizes = _chunk_sizes(metadata, regions)
+                region = (tuple(item.storage_offsets), tuple(item.lengths))
+                regions[item.storage_index].setdefault(region, rank)
+    chunk_sizes = _chunk_sizes(metadata, {index.fqn for index in regions})
     cooperative: set[MetadataIndex] = set()
     contributes: list[set[tuple[MetadataIndex, tuple[int, ...]]]] = [set() for _ in plans]
     for index, owners in regions.items():
-        sizes = chunk_sizes.get(index)
-        if sizes is None or not _tiles(list(owners), Box.full(sizes)):
+        sizes = chunk_sizes.get((index.fqn, index.offset))
+        if sizes is None or (len(owners) == 1 and next(iter(owners))[1] == sizes):
+            continue  # unknown (the reader reports it), or only ever read whole
+        boxes = [Box(offsets, lengths) for offsets, lengths in owners]
+        if not _tiles(boxes, Box.full(sizes)):
             continue
         cooperative.add(index)
-        for box, rank in owners.items():
-            contributes[rank].add((index, box.offsets))
+        for (offsets, _), rank in owners.items():
+            contributes[rank].add((index, offsets))
     shared = frozenset(cooperative)
     return [VerificationPlan(shared, frozenset(mine)) for mine in contributes]
 
 
 def _chunk_sizes(
-    metadata: Metadata, indices: dict[MetadataIndex, dict[Box, int]]
-) -> dict[MetadataIndex, tuple[int, ...]]:
-    sizes: dict[MetadataIndex, tuple[int, ...]] = {}
-    for fqn in {index.fqn for index in indices}:
+    metadata: Metadata, fqns: set[str]
+) -> dict[tuple[str, tuple[int, ...] | None], tuple[int, ...]]:
+    sizes: dict[tuple[str, tuple[int, ...] | None], tuple[int, ...]] = {}
+    for fqn in fqns:
         entry = metadata.state_dict_metadata.get(fqn)
         if isinstance(entry, TensorStorageMetadata):
             for chunk in entry.chunks:
-                sizes[MetadataIndex(fqn, tuple(chunk.offsets))] = tuple(chunk.sizes)
+                sizes[(fqn, tuple(chunk.offsets))] = tuple(chunk.sizes)
     return sizes
 
 

@@ -95,15 +95,19 @@ class ChunkReader:
     def read(self, targets: list[ReadTarget], report: LoadReport) -> dict[BlockKey, int]:
         """Fill every target's destination; return this rank's masked crcs of
         split blocks (empty unless the chunk is cooperative)."""
-        placed = [self._place(t) for t in targets if not t.region.is_empty]
-        distinct = {p.target.region for p in placed}
+        live = [t for t in targets if not t.region.is_empty]
+        distinct = {t.region for t in live}
         distinct_bytes = sum(region.numel for region in distinct) * self.itemsize
         report.add(
-            needed=sum(p.target.region.numel for p in placed) * self.itemsize,
+            needed=sum(t.region.numel for t in live) * self.itemsize,
             read=distinct_bytes,
         )
-        if not placed or self.row_bytes == 0:
+        if not live or self.row_bytes == 0:
             return {}
+        if self._whole_and_small(live):
+            self._read_whole(live[0].dest, report)
+            return {}
+        placed = [self._place(t) for t in live]
         blocks = _BlockPlan(self, placed) if self.verify else None
         masked: dict[BlockKey, int] = {}
         offset, length = self.info.offset, self.info.length
@@ -128,6 +132,29 @@ class ChunkReader:
         elif masked:
             report.add(pending_verified=distinct_bytes)
         return masked
+
+    def _whole_and_small(self, targets: list[ReadTarget]) -> bool:
+        """One target, the whole chunk, within one window: the common case of
+        a small tensor loaded as it was saved."""
+        return (
+            len(targets) == 1
+            and targets[0].region.sizes == self.sizes
+            and self.info.length <= knobs.READ_WINDOW_SIZE
+        )
+
+    def _read_whole(self, dest: torch.Tensor, report: LoadReport) -> None:
+        offset, length = self.info.offset, self.info.length
+        source = _aligned(self.mapped.bytes[offset : offset + length], self.itemsize)
+        if self.verify:
+            checked = writable_bytes(source)
+            for number, start in enumerate(range(0, length, self.block)):
+                if (
+                    crc32c.crc32c(checked[start : start + self.block])
+                    != self.info.checksums[number]
+                ):
+                    raise _corrupt(self, number)
+        dest.copy_(source.view(self.dtype).reshape(self.sizes))
+        report.add(verified=length if self.verify else 0)
 
     def _place(self, target: ReadTarget) -> _Placed:
         region = target.region

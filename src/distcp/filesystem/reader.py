@@ -49,6 +49,9 @@ __all__ = ["FileSystemReader", "LoadReport"]
 
 log = logging.getLogger(__name__)
 
+#: A reader thread drops the mapped pages of chunks it finished every this many bytes.
+_RELEASE_EVERY = 8 << 20
+
 
 class FileSystemReader(StorageReader):
     """Reads a checkpoint from a directory.
@@ -149,12 +152,20 @@ class FileSystemReader(StorageReader):
 
         def read_bucket(bucket: list[tuple[MetadataIndex, list[ReadItem]]]) -> dict[BlockKey, int]:
             masked: dict[BlockKey, int] = {}
+            behind: tuple[str, int] | None = None  # (file, offset): pages before it are done
             for index, items in bucket:
+                info = storage[index]
                 masked.update(
                     self._read_chunk(
-                        mappings, index, storage[index], items, planner, planner_lock, verification
+                        mappings, index, info, items, planner, planner_lock, verification
                     )
                 )
+                end = info.offset + info.length
+                if behind is None or behind[0] != info.relative_path:
+                    behind = (info.relative_path, info.offset)
+                elif end - behind[1] >= _RELEASE_EVERY:
+                    mappings.get(info.relative_path).release(behind[1], end)
+                    behind = (info.relative_path, end)
             return masked
 
         buckets = _balanced(list(by_item.items()), self.thread_count, storage)
@@ -299,14 +310,21 @@ def _balanced(
     threads: int,
     storage: dict[MetadataIndex, StorageInfo],
 ) -> list[list[tuple[MetadataIndex, list[ReadItem]]]]:
-    """The chunks split over at most ``threads`` lists of about equal bytes
-    (largest first onto the lightest), one list per reader thread: a thread
-    runs through its list, so thousands of small chunks cost no future each."""
-    count = max(1, min(threads, len(tasks)))
-    buckets: list[list[tuple[MetadataIndex, list[ReadItem]]]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for task in sorted(tasks, key=lambda task: -storage[task[0]].length):
-        lightest = loads.index(min(loads))
-        buckets[lightest].append(task)
-        loads[lightest] += storage[task[0]].length + 4096  # a chunk costs some work too
+    """The chunks in file order, cut into at most ``threads`` runs of about
+    equal bytes, one run per reader thread: a thread works through its own
+    stretch of each file, so thousands of small chunks cost no future each and
+    the pages behind it can be released in bulk."""
+    ordered = sorted(
+        tasks, key=lambda task: (storage[task[0]].relative_path, storage[task[0]].offset)
+    )
+    cost = [storage[index].length + 4096 for index, _ in ordered]  # a chunk costs some work too
+    share = sum(cost) / max(1, min(threads, len(ordered)))
+    buckets: list[list[tuple[MetadataIndex, list[ReadItem]]]] = [[]]
+    filled = 0.0
+    for task, weight in zip(ordered, cost, strict=True):
+        if filled >= share and len(buckets) < threads:
+            buckets.append([])
+            filled = 0.0
+        buckets[-1].append(task)
+        filled += weight
     return buckets

@@ -1,12 +1,13 @@
 """Reading the parts of one saved chunk that a rank needs, verifying checksums.
 
-The chunk's bytes are mapped read-only from its data file, and each requested
-region is copied from the mapping straight into its destination tensor (with a
-cast when the dtypes differ): a whole chunk is one contiguous copy, a column
-slice of a row-major chunk one strided copy, so only the needed bytes are
-touched and no staging buffer is allocated. Work proceeds in windows of whole
-checksum blocks; the window's pages are released afterwards, so resident
-memory stays bounded however large the chunk.
+The chunk's bytes come from its data file's read-only mapping
+(:mod:`distcp.filesystem.file_mappings`), and each requested region is copied
+from the mapping straight into its destination tensor (with a cast when the
+dtypes differ): a whole chunk is one contiguous copy, a column slice of a
+row-major chunk one strided copy, so only the needed bytes are touched. Work
+proceeds in windows of whole checksum blocks (a small chunk read whole takes a
+short path); the window's pages are released afterwards, so resident memory
+stays bounded however large the chunk.
 
 Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 
@@ -23,7 +24,6 @@ Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -43,8 +43,6 @@ from distcp.geometry import Box, byte_runs, is_contiguous, strides_for
 from distcp.metadata import MetadataIndex, StorageInfo
 
 __all__ = ["ChunkReader", "ReadTarget"]
-
-_PAGE = mmap.ALLOCATIONGRANULARITY
 
 
 @dataclass

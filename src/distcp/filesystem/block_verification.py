@@ -38,6 +38,7 @@ from distcp.planner import LoadItemType, LoadPlan
 __all__ = [
     "BlockKey",
     "VerificationPlan",
+    "checksum_error",
     "combine_masked_crcs",
     "plan_block_verification",
     "verify_masked_crcs",
@@ -147,16 +148,30 @@ def verify_masked_crcs(
     for (index, block), masked in sorted(by_block.items(), key=_block_order):
         info = storage[index]
         if combine_masked_crcs(masked, block_length(info, block)) != info.checksums[block]:
-            offset = info.offset + block * info.checksum_block_size
-            path = f"{directory}/{info.relative_path}"
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {path} at byte offset {offset} (key {index.fqn!r}, "
-                f"chunk at {list(index.offset or ())}, a block read in parts by "
-                f"{len(masked)} rank(s)): the data file is corrupt",
-                file=path,
-                offset=offset,
+            raise checksum_error(
+                f"{directory}/{info.relative_path}",
+                index,
+                info,
+                block,
+                detail=f", a block read in parts by {len(masked)} rank(s)",
             )
     return len(by_block)
+
+
+def checksum_error(
+    path: str, index: MetadataIndex, info: StorageInfo, block: int, *, detail: str = ""
+) -> CorruptCheckpointError:
+    """The error for checksum block ``block`` of the item stored at ``info``,
+    naming the file, the block's byte offset in it, the key and, for a tensor
+    chunk, the chunk's offsets."""
+    offset = info.offset + block * info.checksum_block_size
+    chunk = f", chunk at {list(index.offset)}" if index.offset is not None else ""
+    return CorruptCheckpointError(
+        f"checksum mismatch in {path} at byte offset {offset} (key {index.fqn!r}"
+        f"{chunk}{detail}): the data file is corrupt",
+        file=path,
+        offset=offset,
+    )
 
 
 def _block_order(entry: tuple[BlockKey, list[int]]) -> tuple[str, tuple[int, ...], int]:

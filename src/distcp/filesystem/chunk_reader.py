@@ -24,21 +24,18 @@ Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import crc32c
 import torch
 
 from distcp import knobs
-from distcp.errors import CorruptCheckpointError
-from distcp.filesystem.block_verification import BlockKey, block_length
+from distcp.filesystem.block_verification import BlockKey, block_length, checksum_error
 from distcp.filesystem.file_mappings import MappedFile
 from distcp.filesystem.load_report import LoadReport
-from distcp.filesystem.tensor_bytes import writable_bytes
+from distcp.filesystem.tensor_bytes import checksum_mismatch, writable_bytes
 from distcp.geometry import Box, byte_runs, is_contiguous, strides_for
 from distcp.metadata import MetadataIndex, StorageInfo
 
@@ -144,13 +141,9 @@ class ChunkReader:
         offset, length = self.info.offset, self.info.length
         source = _aligned(self.mapped.bytes[offset : offset + length], self.itemsize)
         if self.verify:
-            checked = writable_bytes(source)
-            for number, start in enumerate(range(0, length, self.block)):
-                if (
-                    crc32c.crc32c(checked[start : start + self.block])
-                    != self.info.checksums[number]
-                ):
-                    raise _corrupt(self, number)
+            bad = checksum_mismatch(writable_bytes(source), 0, self.info.checksums, self.block)
+            if bad is not None:
+                raise checksum_error(str(self.path), self.index, self.info, bad)
         dest.copy_(source.view(self.dtype).reshape(self.sizes))
         report.add(verified=length if self.verify else 0)
 
@@ -277,7 +270,7 @@ class _BlockPlan:
             begin = number * reader.block
             length = block_length(reader.info, number)
             if crc32c.crc32c(checked[begin : begin + length]) != reader.info.checksums[number]:
-                raise _corrupt(reader, number)
+                raise checksum_error(str(reader.path), reader.index, reader.info, number)
             if number in self.whole:
                 report.add(read=length - self._needed_in_block(begin, length))
 
@@ -346,35 +339,9 @@ def _scratch(nbytes: int, pattern: object) -> torch.Tensor:
     return buffer[:nbytes]
 
 
-def _corrupt(reader: ChunkReader, number: int) -> CorruptCheckpointError:
-    offset = reader.info.offset + number * reader.block
-    return CorruptCheckpointError(
-        f"checksum mismatch in {reader.path} at byte offset {offset} (key "
-        f"{reader.index.fqn!r}, chunk at {list(reader.index.offset or ())}): "
-        "the data file is corrupt",
-        file=str(reader.path),
-        offset=offset,
-    )
-
-
 def _aligned(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     """The chunk's bytes at an address a dtype view accepts (the format does
     not promise aligned offsets; distcp's writer aligns to 64 bytes)."""
     if data.data_ptr() % itemsize:
         return data.clone()
     return data
-
-
-def read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    """``pread`` exactly ``len(buffer)`` bytes at ``offset`` or raise naming the file."""
-    done = 0
-    while done < len(buffer):
-        count = os.preadv(fd, [buffer[done:]], offset + done)
-        if count == 0:
-            raise CorruptCheckpointError(
-                f"data file {path} ends at byte {offset + done}, before the "
-                f"{len(buffer)} bytes the metadata records at offset {offset}",
-                file=str(path),
-                offset=offset + done,
-            )
-        done += count

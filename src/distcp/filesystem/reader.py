@@ -31,10 +31,11 @@ from distcp.errors import (
 from distcp.filesystem.block_verification import (
     BlockKey,
     VerificationPlan,
+    checksum_error,
     plan_block_verification,
     verify_masked_crcs,
 )
-from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget, read_exactly
+from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
 from distcp.filesystem.file_mappings import FileMappings
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.load_report import LoadReport
@@ -292,13 +293,7 @@ class FileSystemReader(StorageReader):
         if self.verify_checksums:
             bad = checksum_mismatch(memoryview(data), 0, info.checksums, info.checksum_block_size)
             if bad is not None:
-                offset = info.offset + bad * info.checksum_block_size
-                raise CorruptCheckpointError(
-                    f"checksum mismatch in {path} at byte offset {offset} (key "
-                    f"{index.fqn!r}): the data file is corrupt",
-                    file=str(path),
-                    offset=offset,
-                )
+                raise checksum_error(str(path), index, info, bad)
             self.report.add(verified=info.length)
         for item in items:
             with lock:
@@ -328,3 +323,18 @@ def _balanced(
         buckets[-1].append(task)
         filled += weight
     return buckets
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """``pread`` exactly ``len(buffer)`` bytes at ``offset`` or raise naming the file."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(fd, [buffer[done:]], offset + done)
+        if count == 0:
+            raise CorruptCheckpointError(
+                f"data file {path} ends at byte {offset + done}, before the "
+                f"{len(buffer)} bytes the metadata records at offset {offset}",
+                file=str(path),
+                offset=offset + done,
+            )
+        done += count

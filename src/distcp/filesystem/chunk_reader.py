@@ -62,6 +62,7 @@ class _Placed:
     rows: tuple[int, int]  # [first row, end row)
     trailing: tuple[slice, ...]  # the region's extent in the dims after the first
     contiguous: bool
+    blocks: set[int]  # the checksum blocks holding some of the region's rows
 
 
 class ChunkReader:
@@ -152,17 +153,18 @@ class ChunkReader:
         first = sum(o * s for o, s in zip(region.offsets, self.strides, strict=True))
         last = sum((e - 1) * s for e, s in zip(region.ends, self.strides, strict=True))
         first, last = first * self.itemsize, (last + 1) * self.itemsize
-        row0 = region.offsets[0] if self.sizes else 0
+        rows = (region.offsets[0], region.ends[0]) if self.sizes else (0, 1)
         return _Placed(
             target,
             first,
             last,
-            inner=first - row0 * self.row_bytes,
-            rows=(row0, region.ends[0] if self.sizes else 1),
+            inner=first - rows[0] * self.row_bytes,
+            rows=rows,
             trailing=tuple(
                 slice(o, o + n) for o, n in zip(region.offsets[1:], region.sizes[1:], strict=True)
             ),
             contiguous=is_contiguous(self.sizes, region),
+            blocks=self._touched_blocks(first, last, rows[1] - rows[0]),
         )
 
     def _windows(self, placed: list[_Placed]) -> Iterator[tuple[int, int]]:
@@ -175,7 +177,7 @@ class ChunkReader:
         per_window = max(1, knobs.READ_WINDOW_SIZE // self.block)
         touched: set[int] = set()
         for p in placed:
-            touched.update(self.touched_blocks(p))
+            touched.update(p.blocks)
         run: list[int] = []
         for number in sorted(touched):
             if run and (number != run[-1] + 1 or len(run) == per_window):
@@ -185,17 +187,18 @@ class ChunkReader:
         if run:
             yield run[0] * self.block, min((run[-1] + 1) * self.block, length)
 
-    def touched_blocks(self, p: _Placed) -> set[int]:
-        """Numbers of the checksum blocks holding at least one byte of the
-        region's rows (each row taken from its first to its last needed byte)."""
-        block, count = self.block, p.rows[1] - p.rows[0]
+    def _touched_blocks(self, first: int, last: int, count: int) -> set[int]:
+        """Numbers of the checksum blocks holding at least one byte of a
+        region's ``count`` rows spanning bytes ``[first, last)`` (each row
+        taken from its first to its last needed byte)."""
+        block = self.block
         if not self.sizes or self.row_bytes <= block or count == 1:
             # Every block between the first and last byte holds part of a row.
-            return set(range(p.first // block, -(-p.last // block)))
-        row_span = p.last - p.first - (count - 1) * self.row_bytes
+            return set(range(first // block, -(-last // block)))
+        row_span = last - first - (count - 1) * self.row_bytes
         touched: set[int] = set()
         for row in range(count):  # rows longer than a block: few of them
-            start = p.first + row * self.row_bytes
+            start = first + row * self.row_bytes
             touched.update(range(start // block, -(-(start + row_span) // block)))
         return touched
 
@@ -248,7 +251,7 @@ class _BlockPlan:
         touched: set[int] = set()
         contributed: set[int] = set()
         for p in placed:
-            numbers = reader.touched_blocks(p)
+            numbers = p.blocks
             touched.update(numbers)
             if p.target.contributes:
                 contributed.update(numbers)

@@ -23,3 +23,7 @@ WRITE_BUFFER_SIZE = 8 << 20
 #: checksum blocks, at least one): small enough that the bytes the checksum pass
 #: brought into cache are still there for the copy into the destination.
 READ_WINDOW_SIZE = 2 << 20
+
+#: Bytes ``pread`` at a time straight into a destination tensor; each piece's
+#: crc is taken right after, while the piece is still in the core's cache.
+DIRECT_READ_SIZE = 256 << 10

@@ -1,13 +1,20 @@
 """Reading the parts of one saved chunk that a rank needs, verifying checksums.
 
-The chunk's bytes come from its data file's read-only mapping
-(:mod:`distcp.filesystem.file_mappings`), and each requested region is copied
-from the mapping straight into its destination tensor (with a cast when the
-dtypes differ): a whole chunk is one contiguous copy, a column slice of a
-row-major chunk one strided copy, so only the needed bytes are touched. Work
-proceeds in windows of whole checksum blocks (a small chunk read whole takes a
-short path); the window's pages are released afterwards, so resident memory
-stays bounded however large the chunk.
+Two ways, each touching only the needed bytes:
+
+- **Direct**: a region that is one contiguous run of the chunk, covers whole
+  checksum blocks and lands in a contiguous tensor of the saved dtype (a chunk
+  loaded as it was saved, a row range of one) is ``pread`` straight into its
+  destination, a window at a time, and each window's blocks are checked there
+  while they are still in cache. One copy, from the page cache into place. When
+  a block fails, the error is raised with the destination partly filled.
+- **Mapped**: any other region is copied out of the data file's read-only
+  mapping (:mod:`distcp.filesystem.file_mappings`) into its destination, with a
+  cast when the dtypes differ: a column slice of a row-major chunk is one
+  strided copy. Work proceeds in windows of whole checksum blocks, each verified
+  before it is copied out (a small chunk read whole takes a short path); the
+  window's pages are released afterwards, so resident memory stays bounded
+  however large the chunk.
 
 Checksums (``crc32c`` per block of ``B`` bytes, counted from the chunk's start):
 
@@ -33,7 +40,7 @@ import torch
 
 from distcp import knobs
 from distcp.filesystem.block_verification import BlockKey, block_length, checksum_error
-from distcp.filesystem.file_mappings import MappedFile
+from distcp.filesystem.file_mappings import OpenFile
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, writable_bytes
 from distcp.geometry import Box, byte_runs, is_contiguous, strides_for
@@ -70,7 +77,7 @@ class ChunkReader:
 
     def __init__(
         self,
-        mapped: MappedFile,
+        mapped: OpenFile,
         index: MetadataIndex,
         info: StorageInfo,
         dtype: torch.dtype,
@@ -99,6 +106,11 @@ class ChunkReader:
             read=distinct_bytes,
         )
         if not live or self.row_bytes == 0:
+            return {}
+        if len(distinct) == len(live) and all(self._lands_directly(t) for t in live):
+            for target in live:
+                self._read_direct(target)
+            report.add(verified=distinct_bytes if self.verify else 0)
             return {}
         if self._whole_and_small(live):
             self._read_whole(live[0].dest, report)
@@ -129,6 +141,58 @@ class ChunkReader:
             report.add(pending_verified=distinct_bytes)
         return masked
 
+    def _byte_span(self, region: Box) -> tuple[int, int]:
+        """Offsets in the chunk of the region's first byte and just past its last."""
+        first = sum(o * s for o, s in zip(region.offsets, self.strides, strict=True))
+        last = sum((e - 1) * s for e, s in zip(region.ends, self.strides, strict=True))
+        return first * self.itemsize, (last + 1) * self.itemsize
+
+    def _lands_directly(self, target: ReadTarget) -> bool:
+        """Whether the target can be ``pread`` straight into its destination:
+        see the module's docstring."""
+        dest, region = target.dest, target.region
+        if not (
+            self.sizes
+            and dest.device.type == "cpu"
+            and dest.dtype == self.dtype
+            and dest.is_contiguous()
+            and not dest.is_conj()
+            and not dest.is_neg()
+            and is_contiguous(self.sizes, region)
+        ):
+            return False
+        if not self.verify:
+            return True
+        first, last = self._byte_span(region)
+        return first % self.block == 0 and (last % self.block == 0 or last == self.info.length)
+
+    def _read_direct(self, target: ReadTarget) -> None:
+        """Read the target's run of the chunk into its destination a piece at a
+        time, extending each block's crc over the piece while it is in cache."""
+        first, last = self._byte_span(target.region)
+        into = writable_bytes(target.dest)
+        base = self.info.offset + first
+        length = last - first
+        piece, ahead = knobs.DIRECT_READ_SIZE, knobs.READ_WINDOW_SIZE
+        block, crc = self.block, 0
+        for start in range(0, length, piece):
+            end = min(start + piece, length)
+            if start % ahead == 0 and start + ahead < length:  # keep the disk busy when cold
+                self.mapped.prefetch(base + start + ahead, base + min(start + 2 * ahead, length))
+            self.mapped.read_into(into[start:end], base + start)
+            if not self.verify:
+                continue
+            at = start
+            while at < end:  # the piece may end blocks, or lie inside one
+                stop = min(end, (first + at) // block * block + block - first)
+                crc = crc32c.crc32c(into[at:stop], crc)
+                if stop == end and stop < length and (first + stop) % block:
+                    break  # the block goes on in the next piece
+                number = (first + at) // block
+                if crc != self.info.checksums[number]:
+                    raise checksum_error(str(self.path), self.index, self.info, number)
+                crc, at = 0, stop
+
     def _whole_and_small(self, targets: list[ReadTarget]) -> bool:
         """One target, the whole chunk, within one window: the common case of
         a small tensor loaded as it was saved."""
@@ -150,9 +214,7 @@ class ChunkReader:
 
     def _place(self, target: ReadTarget) -> _Placed:
         region = target.region
-        first = sum(o * s for o, s in zip(region.offsets, self.strides, strict=True))
-        last = sum((e - 1) * s for e, s in zip(region.ends, self.strides, strict=True))
-        first, last = first * self.itemsize, (last + 1) * self.itemsize
+        first, last = self._byte_span(region)
         rows = (region.offsets[0], region.ends[0]) if self.sizes else (0, 1)
         return _Placed(
             target,

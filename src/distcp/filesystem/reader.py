@@ -36,7 +36,7 @@ from distcp.filesystem.block_verification import (
     verify_masked_crcs,
 )
 from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
-from distcp.filesystem.file_mappings import FileMappings
+from distcp.filesystem.file_mappings import FileMappings, read_exactly
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
@@ -323,18 +323,3 @@ def _balanced(
         buckets[-1].append(task)
         filled += weight
     return buckets
-
-
-def read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    """``pread`` exactly ``len(buffer)`` bytes at ``offset`` or raise naming the file."""
-    done = 0
-    while done < len(buffer):
-        count = os.preadv(fd, [buffer[done:]], offset + done)
-        if count == 0:
-            raise CorruptCheckpointError(
-                f"data file {path} ends at byte {offset + done}, before the "
-                f"{len(buffer)} bytes the metadata records at offset {offset}",
-                file=str(path),
-                offset=offset + done,
-            )
-        done += count

@@ -103,24 +103,36 @@ class Distcp(Peer):
 
 
 class DistcpAsync(Peer):
-    """``distcp.async_save``: reports the blocking part (staging) and waits for
-    the commit before returning, so the op's total time is the whole save."""
+    """``distcp.async_save`` writing from a background thread: reports the
+    blocking part (planning and staging) and waits for the commit before
+    returning, so the op's total time is the whole save."""
 
     name = "distcp-async"
     ops = frozenset({"save"})
+    kind = "thread"
 
     def save(self, ctx: OpContext) -> dict[str, Any]:
         import distcp
 
         writer = distcp.FileSystemWriter(ctx.path, thread_count=ctx.threads, sync_files=True)
+        kind = distcp.AsyncCheckpointerType(self.kind)
         start = time.perf_counter()
-        future = distcp.async_save(ctx.state, storage_writer=writer, no_dist=ctx.no_dist)
+        future = distcp.async_save(
+            ctx.state, storage_writer=writer, no_dist=ctx.no_dist, async_checkpointer_type=kind
+        )
         blocking = time.perf_counter() - start
         future.result()
         return {"blocking_s": blocking}
 
     def load(self, ctx: OpContext) -> dict[str, Any]:
         raise NotImplementedError("distcp-async only saves")
+
+
+class DistcpAsyncProcess(DistcpAsync):
+    """``distcp.async_save`` writing from its writer process (shared-memory staging)."""
+
+    name = "distcp-async-proc"
+    kind = "process"
 
 
 class TorchDcp(Peer):
@@ -416,7 +428,16 @@ def memcpy_source(specs: list[TensorSpec], layout: Layout, rank: int) -> torch.T
 
 
 PEERS: dict[str, Peer] = {
-    p.name: p for p in (Distcp(), DistcpAsync(), TorchDcp(), TorchSave(), Raw(), Memcpy())
+    p.name: p
+    for p in (
+        Distcp(),
+        DistcpAsync(),
+        DistcpAsyncProcess(),
+        TorchDcp(),
+        TorchSave(),
+        Raw(),
+        Memcpy(),
+    )
 }
 
 

@@ -237,13 +237,15 @@ def _scenario_section(scenario: dict[str, Any], libraries: list[str]) -> list[st
                 f" (bytes_read ÷ bytes_needed = {report['read_amplification']:.2f}),"
                 f" verified {report['bytes_verified'] / MIB:.1f} MiB"
             )
-        blocking = phase["results"].get("distcp-async", {}).get("blocking_vs_sync_save")
-        if blocking is not None:
-            notes.append(
-                f"{phase['name']}: distcp.async_save blocked the caller"
-                f" {phase['results']['distcp-async']['blocking_median_s']:.3f} s (median),"
-                f" {blocking:.2f}× distcp's synchronous save; the rest ran in the background"
-            )
+        for lib, where in (("distcp-async", "thread"), ("distcp-async-proc", "process")):
+            result = phase["results"].get(lib, {})
+            blocking = result.get("blocking_vs_sync_save")
+            if blocking is not None:
+                notes.append(
+                    f"{phase['name']}: distcp.async_save ({where}) blocked the caller"
+                    f" {result['blocking_median_s']:.3f} s (median), {blocking:.2f}× distcp's"
+                    " synchronous save; the rest ran in the background"
+                )
         if phase.get("cold_resident") is not None:
             notes.append(
                 f"{phase['name']}: at most {phase['cold_resident']:.1%} of a checkpoint's pages"

@@ -31,7 +31,15 @@ from bench.peers import PEERS
 from bench.pool import RankPool
 from bench.scenarios import SCENARIOS, Phase, Scenario, build_scenarios, small_count_for
 
-LIBRARIES = ["distcp", "distcp-async", "torch-dcp", "torch.save", "raw", "memcpy"]
+LIBRARIES = [
+    "distcp",
+    "distcp-async",
+    "distcp-async-proc",
+    "torch-dcp",
+    "torch.save",
+    "raw",
+    "memcpy",
+]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

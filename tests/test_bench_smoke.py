@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = {"distcp", "distcp-async", "torch-dcp", "torch.save", "raw", "memcpy"}
+LIBRARIES = {
+    "distcp",
+    "distcp-async",
+    "distcp-async-proc",
+    "torch-dcp",
+    "torch.save",
+    "raw",
+    "memcpy",
+}
 
 
 def test_bench_runs_and_verifies(tmp_path: Path) -> None:
@@ -45,7 +53,9 @@ def test_bench_runs_and_verifies(tmp_path: Path) -> None:
         for phase in scenario["phases"]:
             where = f"{scenario['name']}: {phase['name']}"
             expected = (
-                LIBRARIES - {"distcp-async"} if phase["op"] == "load" else LIBRARIES - {"memcpy"}
+                LIBRARIES - {"distcp-async", "distcp-async-proc"}
+                if phase["op"] == "load"
+                else LIBRARIES - {"memcpy"}
             )
             assert set(phase["results"]) == expected, where
             assert phase["bytes"] > 0, where
@@ -61,7 +71,8 @@ def test_bench_runs_and_verifies(tmp_path: Path) -> None:
                         assert record["verified"] is True, (where, lib)
             assert phase["ratios"]["distcp"] == 1.0
             if phase["op"] == "save":  # the async save's blocking part is reported
-                assert phase["results"]["distcp-async"]["blocking_median_s"] > 0, where
+                for lib in ("distcp-async", "distcp-async-proc"):
+                    assert phase["results"][lib]["blocking_median_s"] > 0, (where, lib)
             assert all(r > 0 for r in phase["ratios"].values()), where
             if phase["op"] == "load":
                 report = phase["results"]["distcp"]["report"]

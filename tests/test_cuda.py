@@ -74,3 +74,32 @@ def test_many_device_tensors_stream_through_pinned_buffers(tmp_path: Path) -> No
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
     for key, value in saved.items():
         assert torch.equal(target[key], value), key
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [distcp.AsyncCheckpointerType.THREAD, distcp.AsyncCheckpointerType.PROCESS],
+    ids=["thread", "process"],
+)
+def test_async_save_snapshots_device_tensors(
+    tmp_path: Path, kind: distcp.AsyncCheckpointerType
+) -> None:
+    """Staged from the device (pinned for the thread, shared memory for the
+    writer process), then changed on the device at once: the snapshot holds."""
+    from distcp.async_save import staging_buffers
+
+    saved = {"w": torch.randn(256, 64, device="cuda"), "t": torch.randn(8, 8, device="cuda").t()}
+    expected = {key: value.clone() for key, value in saved.items()}
+    future = distcp.async_save(
+        saved, checkpoint_id=tmp_path, no_dist=True, async_checkpointer_type=kind
+    )
+    for value in saved.values():
+        value.zero_()
+    future.result(timeout=120)
+    buffers = staging_buffers(kind)
+    assert buffers is not None and buffers.arena is not None
+    assert buffers.arena.memory.is_pinned() == (kind is distcp.AsyncCheckpointerType.THREAD)
+    target = {key: torch.zeros_like(value) for key, value in saved.items()}
+    distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
+    for key, value in expected.items():
+        assert torch.equal(target[key], value), key

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -138,6 +140,31 @@ def _save(
 ) -> Metadata:
     ranks = _coordinator(process_group, no_dist, coordinator_rank)
     planner = planner or DefaultSavePlanner()
+    planned = plan_save(state_dict, writer, planner, ranks)
+
+    def write() -> list[WriteResult]:
+        final_plan = planner.finish_plan(planned.central_plan)
+        return writer.write_data(final_plan, planner).result()
+
+    return commit_save(planned, write)
+
+
+@dataclass
+class PlannedSave:
+    """A save after its collective planning: this rank's plan from the
+    coordinator (before ``finish_plan``), and what the commit needs."""
+
+    ranks: Coordinator
+    writer: StorageWriter
+    central_plan: SavePlan
+    metadata: Metadata | None  # the coordinator's; None on other ranks
+
+
+def plan_save(
+    state_dict: STATE_DICT_TYPE, writer: StorageWriter, planner: SavePlanner, ranks: Coordinator
+) -> PlannedSave:
+    """The save's planning steps, up to each rank holding its plan; a failure
+    on any rank raises the same error on every rank."""
     resolved = _resolve_stateful(state_dict)
     metadata_box: list[Metadata] = []
 
@@ -163,16 +190,19 @@ def _save(
         return writer.prepare_global_plan(all_plans)
 
     central_plan = ranks.reduce_scatter("planning the save", local_plan, global_plan)
+    return PlannedSave(ranks, writer, central_plan, metadata_box[0] if metadata_box else None)
 
-    def write() -> list[WriteResult]:
-        final_plan = planner.finish_plan(central_plan)
-        return writer.write_data(final_plan, planner).result()
+
+def commit_save(planned: PlannedSave, write: Callable[[], list[WriteResult]]) -> Metadata:
+    """Every rank runs ``write``; once all succeeded the coordinator commits.
+    A failure on any rank commits nothing and raises the same error everywhere."""
 
     def commit(results: list[list[WriteResult]]) -> Metadata:
-        writer.finish(metadata_box[0], results)
-        return metadata_box[0]
+        assert planned.metadata is not None  # commit runs on the coordinator
+        planned.writer.finish(planned.metadata, results)
+        return planned.metadata
 
-    return ranks.all_reduce("writing the checkpoint", write, commit)
+    return planned.ranks.all_reduce("writing the checkpoint", write, commit)
 
 
 def _load(

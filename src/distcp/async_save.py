@@ -1,12 +1,21 @@
 """``async_save``: checkpoint without stopping training for the write.
 
-The call stages the state into reusable host buffers (:mod:`distcp.staging`)
-and returns a future; a background thread then plans, writes and commits the
-snapshot exactly as :func:`distcp.save` does. The background save coordinates
-over its own gloo group (created once per process group, on the first call),
-so its collectives never interleave with the training's. One async save runs
-at a time per process: a call made while the previous one is still writing
-waits for it first (its buffers are about to be reused).
+The call plans the save (every rank, over the async saver's own gloo group, so
+its collectives never interleave with the training's), then stages the items
+of this rank's final plan into a reusable host arena (:mod:`distcp.staging`)
+and returns a future. What remains runs in the background, exactly as in
+:func:`distcp.save`: the data files are written from the snapshot, then the
+coordinator commits once every rank succeeded.
+
+Where the writing happens is ``async_checkpointer_type``'s choice:
+
+- ``THREAD`` (default): a background thread of this process.
+- ``PROCESS``: a writer process (:mod:`distcp.writer_process`) reading the
+  snapshot from shared memory, so checksums and file I/O never contend with
+  training for this process's GIL; a thread here waits for it and commits.
+
+One async save runs at a time per process: a call made while the previous one
+is still writing waits for it first (its arena is about to be reused).
 """
 
 from __future__ import annotations
@@ -14,40 +23,43 @@ from __future__ import annotations
 import enum
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.distributed as dist
 
-from distcp.api import _resolve_stateful, _save, _storage
+from distcp.api import PlannedSave, _coordinator, _storage, commit_save, plan_save
 from distcp.filesystem.writer import FileSystemWriter
 from distcp.metadata import STATE_DICT_TYPE, Metadata
 from distcp.planner import SavePlanner
-from distcp.staging import StagingBuffers
-from distcp.storage import StorageWriter
+from distcp.save_planner import DefaultSavePlanner
+from distcp.staging import StagedPlanner, StagingBuffers
+from distcp.storage import StorageWriter, WriteResult
+from distcp.writer_process import WriterProcess
 
-__all__ = ["AsyncCheckpointerType", "async_save"]
+__all__ = ["AsyncCheckpointerType", "async_save", "staging_buffers", "writer_process"]
 
 
 class AsyncCheckpointerType(enum.Enum):
-    """Where the background save runs (torch DCP's names). Only ``THREAD`` is
-    implemented; ``PROCESS`` raises ``NotImplementedError``."""
+    """Where the background save is written (torch DCP's names)."""
 
     THREAD = "thread"
     PROCESS = "process"
 
 
 class _AsyncSaver:
-    """The per-process background writer, its buffers and its groups."""
+    """The per-process background machinery of one checkpointer type."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: AsyncCheckpointerType) -> None:
+        self.kind = kind
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="distcp-async-save")
-        self.buffers = StagingBuffers()
+        self.buffers = StagingBuffers(shared=kind is AsyncCheckpointerType.PROCESS)
         self.pending: Future[Metadata] | None = None
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
-        self.lock = threading.Lock()
+        self.process: WriterProcess | None = None
 
     def group_for(self, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-        """A gloo group over the same ranks, for the background save's own use."""
+        """A gloo group over the same ranks, for the async saves' own use."""
         ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))  # type: ignore[arg-type]
         group = self.groups.get(ranks)
         if group is None:
@@ -55,15 +67,37 @@ class _AsyncSaver:
             self.groups[ranks] = group
         return group
 
+    def stage_and_write(
+        self, planned: PlannedSave, planner: SavePlanner
+    ) -> Callable[[], list[WriteResult]]:
+        """Finish this rank's plan and stage its items now; return the write
+        step for the background. A failure here becomes that step's error, so
+        every rank learns of it when they exchange results and nothing is
+        committed."""
+        try:
+            final_plan = planner.finish_plan(planned.central_plan)
+            staged = self.buffers.stage(final_plan, planner)
+        except Exception as error:
+            failure = error
 
-_saver: _AsyncSaver | None = None
+            def fail() -> list[WriteResult]:
+                raise failure
+
+            return fail
+        arena = self.buffers.arena
+        assert arena is not None
+        writer = planned.writer
+        if self.kind is AsyncCheckpointerType.THREAD:
+            staged_planner = StagedPlanner(staged, arena.memory)
+            return lambda: writer.write_data(final_plan, staged_planner).result()
+        if self.process is None or not self.process.alive():
+            self.process = WriterProcess()
+        process = self.process
+        return lambda: process.write(writer, final_plan, staged, arena)
 
 
-def _the_saver() -> _AsyncSaver:
-    global _saver
-    if _saver is None:
-        _saver = _AsyncSaver()
-    return _saver
+_savers: dict[AsyncCheckpointerType, _AsyncSaver] = {}
+_lock = threading.Lock()
 
 
 def async_save(
@@ -76,33 +110,50 @@ def async_save(
     async_checkpointer_type: AsyncCheckpointerType = AsyncCheckpointerType.THREAD,
     no_dist: bool = False,
 ) -> Future[Metadata]:
-    """Stage ``state_dict`` and save it in the background; every rank calls it.
+    """Plan and stage ``state_dict``, then save it in the background; every
+    rank calls it.
 
-    Returns once the state is copied into host buffers: the caller may then
-    modify its tensors (the checkpoint holds them as they were at the call).
-    The future resolves to the checkpoint's metadata once it is committed, or
-    raises what :func:`distcp.save` would have raised (nothing is committed
-    then, and the previous checkpoint at the path stays loadable).
+    Returns once this rank's part of the state is copied into host memory: the
+    caller may then modify its tensors (the checkpoint holds them as they were
+    at the call). The future resolves to the checkpoint's metadata once it is
+    committed, or raises what :func:`distcp.save` would have raised (nothing
+    is committed then, and the previous checkpoint at the path stays loadable).
+    With ``AsyncCheckpointerType.PROCESS`` the storage writer must pickle.
     """
-    if async_checkpointer_type is not AsyncCheckpointerType.THREAD:
-        raise NotImplementedError(
-            f"async_checkpointer_type={async_checkpointer_type}: distcp saves in a background "
-            "thread only (AsyncCheckpointerType.THREAD)"
-        )
-    saver = _the_saver()
-    with saver.lock:
-        if saver.pending is not None:
-            saver.pending.exception()  # wait; its outcome belongs to its own future
+    with _lock:
+        for other in _savers.values():  # one async save at a time, whatever its type
+            if other.pending is not None:
+                other.pending.exception()  # wait; its outcome belongs to its own future
+        saver = _savers.get(async_checkpointer_type)
+        if saver is None:
+            saver = _savers[async_checkpointer_type] = _AsyncSaver(async_checkpointer_type)
         writer = _storage(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
         distributed = not no_dist and dist.is_available() and dist.is_initialized()
         group = saver.group_for(process_group) if distributed else None
-        staged = saver.buffers.stage(_resolve_stateful(state_dict))
-        saver.pending = saver.executor.submit(
-            _save, staged, writer, planner, group, not distributed, 0
-        )
+        planner = planner or DefaultSavePlanner()
+        ranks = _coordinator(group, not distributed, 0)
+        try:
+            planned = plan_save(state_dict, writer, planner, ranks)
+        except Exception as error:  # the same error on every rank: nothing to write
+            failed: Future[Metadata] = Future()
+            failed.set_exception(error)
+            return failed
+        write = saver.stage_and_write(planned, planner)
+        saver.pending = saver.executor.submit(commit_save, planned, write)
         return saver.pending
 
 
-def staging_buffers() -> StagingBuffers:
-    """This process's async-save staging buffers (for inspection)."""
-    return _the_saver().buffers
+def staging_buffers(
+    kind: AsyncCheckpointerType = AsyncCheckpointerType.THREAD,
+) -> StagingBuffers | None:
+    """This process's staging arena for async saves of ``kind`` (for
+    inspection), or None before the first such save."""
+    saver = _savers.get(kind)
+    return saver.buffers if saver is not None else None
+
+
+def writer_process() -> WriterProcess | None:
+    """This process's async-save writer process (for inspection), or None
+    before the first ``AsyncCheckpointerType.PROCESS`` save."""
+    saver = _savers.get(AsyncCheckpointerType.PROCESS)
+    return saver.process if saver is not None else None

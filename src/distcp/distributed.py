@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from distcp.errors import CheckpointError, DistributedCheckpointError, RemoteError
 
-__all__ = ["Coordinator", "cpu_group"]
+__all__ = ["Coordinator", "cpu_group", "sendable_error"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,7 +31,7 @@ class _Failed:
     """A rank's failure, as sent to the other ranks."""
 
     def __init__(self, error: BaseException) -> None:
-        self.error = _sendable(error)
+        self.error = sendable_error(error)
 
 
 class Coordinator:
@@ -179,7 +179,7 @@ class Coordinator:
         except Exception as error:
             raise DistributedCheckpointError(
                 f"{step} (exchanging with the other ranks: one may have died or timed out)",
-                {self.rank: _sendable(error)},
+                {self.rank: sendable_error(error)},
             ) from error
 
 
@@ -190,7 +190,7 @@ def _attempt(function: Callable[[], T]) -> T | _Failed:
         return _Failed(error)
 
 
-def _sendable(error: BaseException) -> BaseException:
+def sendable_error(error: BaseException) -> BaseException:
     """The error itself if it survives pickling, else a :class:`RemoteError`
     that keeps its type name, message and traceback."""
     try:

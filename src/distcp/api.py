@@ -30,6 +30,7 @@ from distcp.distributed import Coordinator
 from distcp.filesystem.block_verification import BlockKey
 from distcp.filesystem.reader import FileSystemReader
 from distcp.filesystem.writer import FileSystemWriter
+from distcp.gc_pause import gc_paused
 from distcp.load_planner import DefaultLoadPlanner
 from distcp.metadata import STATE_DICT_TYPE, Metadata
 from distcp.plan_cache import PLAN_CACHE, plan_digest
@@ -140,13 +141,14 @@ def _save(
 ) -> Metadata:
     ranks = _coordinator(process_group, no_dist, coordinator_rank)
     planner = planner or DefaultSavePlanner()
-    planned = plan_save(state_dict, writer, planner, ranks)
+    with gc_paused():
+        planned = plan_save(state_dict, writer, planner, ranks)
 
-    def write() -> list[WriteResult]:
-        final_plan = planner.finish_plan(planned.central_plan)
-        return writer.write_data(final_plan, planner).result()
+        def write() -> list[WriteResult]:
+            final_plan = planner.finish_plan(planned.central_plan)
+            return writer.write_data(final_plan, planner).result()
 
-    return commit_save(planned, write)
+        return commit_save(planned, write)
 
 
 @dataclass
@@ -206,6 +208,18 @@ def commit_save(planned: PlannedSave, write: Callable[[], list[WriteResult]]) ->
 
 
 def _load(
+    state_dict: STATE_DICT_TYPE,
+    reader: StorageReader,
+    planner: LoadPlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+    coordinator_rank: int,
+) -> None:
+    with gc_paused():
+        _load_paused(state_dict, reader, planner, process_group, no_dist, coordinator_rank)
+
+
+def _load_paused(
     state_dict: STATE_DICT_TYPE,
     reader: StorageReader,
     planner: LoadPlanner | None,

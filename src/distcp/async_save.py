@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from distcp.api import PlannedSave, _coordinator, _storage, commit_save, plan_save
 from distcp.filesystem.writer import FileSystemWriter
+from distcp.gc_pause import gc_paused
 from distcp.metadata import STATE_DICT_TYPE, Metadata
 from distcp.planner import SavePlanner
 from distcp.save_planner import DefaultSavePlanner
@@ -132,13 +133,14 @@ def async_save(
         group = saver.group_for(process_group) if distributed else None
         planner = planner or DefaultSavePlanner()
         ranks = _coordinator(group, not distributed, 0)
-        try:
-            planned = plan_save(state_dict, writer, planner, ranks)
-        except Exception as error:  # the same error on every rank: nothing to write
-            failed: Future[Metadata] = Future()
-            failed.set_exception(error)
-            return failed
-        write = saver.stage_and_write(planned, planner)
+        with gc_paused():
+            try:
+                planned = plan_save(state_dict, writer, planner, ranks)
+            except Exception as error:  # the same error on every rank: nothing to write
+                failed: Future[Metadata] = Future()
+                failed.set_exception(error)
+                return failed
+            write = saver.stage_and_write(planned, planner)
         saver.pending = saver.executor.submit(commit_save, planned, write)
         return saver.pending
 

@@ -10,7 +10,7 @@ and a memory copy of the same bytes (loads).
 Layout: ``run`` (CLI and the round-by-round driver), ``scenarios`` (what is
 saved and loaded, in which layouts; data generation and verification),
 ``peers`` (one adapter per library), ``rank_tasks`` (what each rank process
-does on request), ``pool`` (persistent gloo rank processes), ``measure``
+does on request, on ``distcp.testing.RankPool``'s processes), ``measure``
 (timing, peak RSS, cache eviction, ABBA order, medians), ``report`` (machine
 description, JSON and markdown).
 """

@@ -1,5 +1,5 @@
 """What each rank process does when the driver asks; every function takes
-``(rank, world_size, ...)`` and runs on all ranks at once (see ``bench.pool``).
+``(rank, world_size, ...)`` and runs on all ranks at once (see ``distcp.testing.RankPool``).
 
 A rank keeps the scenario's state between calls in ``_held``: the tensors it
 saves (its part of the state, in the save layout), the tensors it loads into
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def start(rank: int, world_size: int) -> str:
     objects that exist by then out of the garbage collector's way (the collection
     before each op then takes microseconds, not 0.1 s), and choose the
     peak-memory method; returns the latter."""
+    warnings.filterwarnings("ignore")  # the report is the output; library chatter is not
     import torch.distributed.checkpoint  # noqa: F401
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the ``bench`` package imp
 from bench import rank_tasks, report
 from bench.measure import Eviction, Summary, abba, evict, probe_eviction
 from bench.peers import PEERS
-from bench.pool import RankPool
 from bench.scenarios import SCENARIOS, Phase, Scenario, build_scenarios, small_count_for
+from distcp.testing import RankPool
 
 LIBRARIES = [
     "distcp",
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         world = max(s.ranks for s in scenarios)
         _progress(f"benchmark in {workdir} on {world} ranks")
-        with RankPool(world) as pool:
+        with RankPool(world, collective_timeout_s=900.0, run_timeout_s=900.0) as pool:
             results["rss_method"] = pool.run(rank_tasks.start)[0]
             results["settings"]["torch_threads"] = pool.run(rank_tasks.torch_threads)[0]
             for scenario in scenarios:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,7 @@ from bit_patterns import random_tensor, raw
 from distcp.async_save import staging_buffers, writer_process
 from distcp.planner import SavePlan
 from distcp.storage import WriteResult
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 

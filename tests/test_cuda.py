@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import distcp
-from rank_pool import free_port
+from distcp.testing import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

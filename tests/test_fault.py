@@ -21,7 +21,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import distcp
 from distcp.filesystem import layout
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 METADATA = ".metadata.distcp"

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import distcp
 from bit_patterns import random_tensor, raw
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 LIBRARIES = ["torch.distributed.checkpoint", "distcp"]

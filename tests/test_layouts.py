@@ -44,7 +44,7 @@ from distcp.tensor_layout import (
     runs_nested,
     tensor_layout,
 )
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 

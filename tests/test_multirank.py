@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 import distcp
 from bit_patterns import random_tensor, raw
 from distcp import knobs
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 DATA_FILE = re.compile(r"data-[0-9a-f]{16}-(\d{5})-\d{3}\.distcp")

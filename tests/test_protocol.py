@@ -36,7 +36,7 @@ from distcp import (
     WriteItemType,
     WriteResult,
 )
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 STATE_DICT_TYPE = dict[str, Any]

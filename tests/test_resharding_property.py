@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 import distcp
 from bit_patterns import random_tensor, raw
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 

@@ -31,7 +31,7 @@ from distcp.filesystem.block_verification import (
 )
 from distcp.metadata import Metadata, MetadataIndex
 from distcp.planner import LoadItemType, LoadPlan, ReadItem
-from rank_pool import RankPool
+from distcp.testing import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 BLOCK = 256  # small checksum blocks, so small tensors have many split blocks

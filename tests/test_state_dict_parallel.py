@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import (
 
 import distcp
 from distcp.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from rank_pool import RankPool
+from distcp.testing import RankPool
 from test_state_dict import (
     MLP,
     adam_groups,

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import distcp
+from distcp.testing import RankPool
 from distcp.training import ResumableSampler, RNGState, TrainingState
-from rank_pool import RankPool
 
 PoolFactory = Callable[[int], RankPool]
 

@@ -386,6 +386,8 @@ def _check_chunks(key: str, entry: TensorStorageMetadata) -> None:
     it keeps.
     """
     chunks = entry.chunks
+    if len(chunks) == 1 and chunks[0].sizes == entry.size and not any(chunks[0].offsets):
+        return  # one piece, the whole tensor: the common case, settled at once
     offsets = _as_tuples(list(map(_OFFSETS, chunks)))
     order = sorted(range(len(chunks)), key=offsets.__getitem__)  # stable, like chunks.sort
     if order != list(range(len(chunks))):

@@ -78,6 +78,10 @@ class _AsyncSaver:
         try:
             final_plan = planner.finish_plan(planned.central_plan)
             staged = self.buffers.stage(final_plan, planner)
+            if self.kind is AsyncCheckpointerType.PROCESS and (
+                self.process is None or not self.process.alive()
+            ):
+                self.process = WriterProcess()
         except Exception as error:
             failure = error
 
@@ -87,13 +91,10 @@ class _AsyncSaver:
             return fail
         arena = self.buffers.arena
         assert arena is not None
-        writer = planned.writer
-        if self.kind is AsyncCheckpointerType.THREAD:
+        writer, process = planned.writer, self.process
+        if process is None:
             staged_planner = StagedPlanner(staged, arena.memory)
             return lambda: writer.write_data(final_plan, staged_planner).result()
-        if self.process is None or not self.process.alive():
-            self.process = WriterProcess()
-        process = self.process
         return lambda: process.write(writer, final_plan, staged, arena)
 
 

@@ -77,15 +77,18 @@ class WriterProcess:
                     f"writer process, and {type(writer).__name__}'s job could not be pickled: "
                     f"{error}"
                 ) from error
-            if new_arena:
-                assert arena.fd is not None
-                send_handle(self.connection, arena.fd, self.process.pid)
-                self._arena = arena
             try:
+                if new_arena:
+                    assert arena.fd is not None
+                    send_handle(self.connection, arena.fd, self.process.pid)
+                    self._arena = arena
                 outcome, payload = self.connection.recv()
-            except (OSError, EOFError) as error:
+            except Exception as error:  # the pair is out of step now: start afresh next time
                 self._arena = None
-                raise self._died() from error
+                died = self._died()
+                if self.alive():
+                    self.process.kill()
+                raise died from error
         if outcome == "error":
             raise payload
         return payload  # type: ignore[no-any-return]
@@ -110,10 +113,10 @@ class WriterProcess:
             code: int | None = self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        what = f"died with exit code {code}" if code is not None else "stopped answering"
         return CheckpointError(
-            f"the async-save writer process (pid {self.process.pid}) died"
-            + (f" with exit code {code}" if code is not None else "")
-            + "; nothing was committed, and the next async save starts a new one"
+            f"the async-save writer process (pid {self.process.pid}) {what}; nothing was "
+            "committed, and the next async save starts a new writer process"
         )
 
 

@@ -138,17 +138,26 @@ class DefaultLoadPlanner(LoadPlanner):
         for chunk in layout.chunks:
             self._destinations[MetadataIndex(key, chunk.box.offsets)] = chunk.tensor
             for saved_box in saved_boxes:
-                overlap = intersect(chunk.box, saved_box)
-                if overlap is None or (overlap.is_empty and chunk.box.ndim):
-                    continue
+                if saved_box == chunk.box and not (saved_box.is_empty and saved_box.ndim):
+                    # loaded as saved: the whole chunk, nothing to cut
+                    zeros = torch.Size((0,) * saved_box.ndim)
+                    dest_offsets, storage_offsets = zeros, zeros
+                    lengths = torch.Size(saved_box.sizes)
+                else:
+                    overlap = intersect(chunk.box, saved_box)
+                    if overlap is None or (overlap.is_empty and chunk.box.ndim):
+                        continue
+                    dest_offsets = torch.Size(overlap.relative_to(chunk.box).offsets)
+                    storage_offsets = torch.Size(overlap.relative_to(saved_box).offsets)
+                    lengths = torch.Size(overlap.sizes)
                 items.append(
                     ReadItem(
                         type=LoadItemType.TENSOR,
                         dest_index=MetadataIndex(key, chunk.box.offsets),
-                        dest_offsets=torch.Size(overlap.relative_to(chunk.box).offsets),
+                        dest_offsets=dest_offsets,
                         storage_index=MetadataIndex(key, saved_box.offsets),
-                        storage_offsets=torch.Size(overlap.relative_to(saved_box).offsets),
-                        lengths=torch.Size(overlap.sizes),
+                        storage_offsets=storage_offsets,
+                        lengths=lengths,
                     )
                 )
         return items
@@ -167,6 +176,8 @@ class DefaultLoadPlanner(LoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         destination = self._destinations[read_item.dest_index].detach()
+        if read_item.lengths == destination.shape and not any(read_item.dest_offsets):
+            return destination  # the whole destination
         for dim, (offset, length) in enumerate(
             zip(read_item.dest_offsets, read_item.lengths, strict=True)
         ):

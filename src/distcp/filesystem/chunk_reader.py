@@ -143,6 +143,8 @@ class ChunkReader:
 
     def _byte_span(self, region: Box) -> tuple[int, int]:
         """Offsets in the chunk of the region's first byte and just past its last."""
+        if region.sizes == self.sizes and not any(region.offsets):
+            return 0, self.info.length  # the whole chunk
         first = sum(o * s for o, s in zip(region.offsets, self.strides, strict=True))
         last = sum((e - 1) * s for e, s in zip(region.ends, self.strides, strict=True))
         return first * self.itemsize, (last + 1) * self.itemsize
@@ -158,12 +160,16 @@ class ChunkReader:
             and dest.is_contiguous()
             and not dest.is_conj()
             and not dest.is_neg()
-            and is_contiguous(self.sizes, region)
+            and dest.numel() == region.numel
         ):
+            return False
+        first, last = self._byte_span(region)
+        if (first, last) == (0, self.info.length):
+            return True  # the whole chunk: one run of whole blocks
+        if not is_contiguous(self.sizes, region):
             return False
         if not self.verify:
             return True
-        first, last = self._byte_span(region)
         return first % self.block == 0 and (last % self.block == 0 or last == self.info.length)
 
     def _read_direct(self, target: ReadTarget) -> None:

@@ -243,20 +243,20 @@ class FileSystemReader(StorageReader):
         lock: threading.Lock,
         verification: VerificationPlan,
     ) -> dict[BlockKey, int]:
-        path = self.path / info.relative_path
         if items[0].type == LoadItemType.BYTE_IO:
-            self._read_value(path, index, info, items, planner, lock)
+            self._read_value(self.path / info.relative_path, index, info, items, planner, lock)
             return {}
         assert self.metadata is not None
         entry = self.metadata.state_dict_metadata[index.fqn]
         assert isinstance(entry, TensorStorageMetadata) and index.offset is not None
         chunk = next(c for c in entry.chunks if tuple(c.offsets) == index.offset)
         targets = []
+        contributors = verification.contributes  # empty unless the load reshards
         for item in items:
             with lock:
                 dest = planner.resolve_tensor(item)
             region = Box(tuple(item.storage_offsets), tuple(item.lengths))
-            contributes = (index, region.offsets) in verification.contributes
+            contributes = bool(contributors) and (index, region.offsets) in contributors
             targets.append(ReadTarget(region, dest, contributes))
         reader = ChunkReader(
             mappings.get(info.relative_path),
@@ -265,7 +265,7 @@ class FileSystemReader(StorageReader):
             entry.properties.dtype,
             tuple(chunk.sizes),
             verify=self.verify_checksums,
-            cooperative=index in verification.cooperative,
+            cooperative=bool(verification.cooperative) and index in verification.cooperative,
         )
         masked = reader.read(targets, self.report)
         self.report.add(items=len(items), split_blocks=len(masked))

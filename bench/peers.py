@@ -13,11 +13,12 @@ a small dict of facts about what it did. What each one does, exactly:
   weights_only=True)``s every rank's file and copies the overlap of each saved box
   with each requested box into the caller's tensors (so it can reshard).
 - ``raw``: the hardware limit. A save writes each rank's tensor bytes with
-  ``os.write`` into T files per rank (one per thread) and fsyncs them (replicated
-  state is split across ranks by bytes, written once). A load ``preadv``s on T
-  threads straight into the caller's tensors when every needed piece is one
-  contiguous run of a file and of the tensor (same layout, 1-rank full load,
-  replicated); otherwise (resharding into Shard(1)) it reads the same number of
+  ``os.write`` into T files per rank (one per thread), starting each file's
+  writeback every ``knobs.WRITEBACK_EVERY`` bytes as distcp's writer does, and
+  fsyncs them (replicated state is split across ranks by bytes, written once).
+  A load ``preadv``s on T threads straight into the caller's tensors when every
+  needed piece is one contiguous run of a file and of the tensor (same layout,
+  1-rank full load, replicated); otherwise (resharding into Shard(1)) it reads the same number of
   bytes sequentially from the raw files into the tensors: the time to move the
   bytes needed, not a correct load, and it is not verified.
 - ``memcpy`` (loads only): copies the bytes a rank needs from one in-memory buffer
@@ -47,6 +48,8 @@ from bench.scenarios import (
     intersect,
     local_tensor,
 )
+from distcp import knobs
+from distcp.filesystem.writeback import start_writeback
 
 #: Reads and copies are cut into pieces of at most this many bytes so T threads
 #: share the work evenly.
@@ -269,10 +272,15 @@ class Raw(Peer):
         def write(file: RawFile) -> None:
             fd = os.open(ctx.path / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
+                written = started = 0
                 for piece in file.pieces:
                     view = _bytes_view(local_tensor(ctx.state[piece.key]))
+                    written += len(view)
                     while view:
                         view = view[os.write(fd, view) :]
+                    if written - started >= knobs.WRITEBACK_EVERY:  # as distcp does: the limit
+                        start_writeback(fd, started, written - started)
+                        started = written
                 os.fsync(fd)
             finally:
                 os.close(fd)

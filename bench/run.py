@@ -341,7 +341,8 @@ def _notes(args: argparse.Namespace) -> list[str]:
         " torch.load(mmap=True, weights_only=True) on every rank's file and copy the overlap"
         " of each saved box with each requested box (so it reshards).",
         "raw (saves): os.write of each rank's tensor bytes into T files per rank, one per"
-        " thread, then fsync; replicated state is written once, split across ranks by bytes.",
+        " thread, starting writeback (sync_file_range) every 16 MiB as distcp does, then"
+        " fsync; replicated state is written once, split across ranks by bytes.",
         "raw (loads): os.preadv on T threads straight into the tensors when every piece is one"
         " contiguous run of a file and of a tensor; for Shard(1) it reads the same number of"
         " bytes sequentially instead (the time to move the bytes, not a correct load).",

@@ -27,3 +27,8 @@ READ_WINDOW_SIZE = 2 << 20
 #: Bytes ``pread`` at a time straight into a destination tensor; each piece's
 #: crc is taken right after, while the piece is still in the core's cache.
 DIRECT_READ_SIZE = 256 << 10
+
+#: A synced save starts the disk write of each data file every this many bytes
+#: (``sync_file_range``), so the disk works while checksums and copies run and
+#: the final fsync waits for little.
+WRITEBACK_EVERY = 16 << 20

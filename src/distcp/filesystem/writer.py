@@ -24,6 +24,7 @@ from distcp.filesystem.layout import (
     write_atomically,
 )
 from distcp.filesystem.tensor_bytes import block_checksums, host_bytes, require_little_endian
+from distcp.filesystem.writeback import start_writeback
 from distcp.metadata import Metadata, StorageInfo, StorageMeta
 from distcp.metadata_file import encode_metadata
 from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
@@ -170,7 +171,7 @@ class FileSystemWriter(StorageWriter):
         block = self.checksum_block_size
         stager = PinnedStager()
         with open(self.path / name, "wb", buffering=knobs.WRITE_BUFFER_SIZE) as file:
-            position = 0
+            position = started = 0  # started: bytes before it are already being written back
             # Stay one item ahead: a device tensor's copy to pinned memory runs
             # while the previous item is written.
             upcoming = [_item_data(item, planner, stager) for item in items[:1]]
@@ -187,6 +188,10 @@ class FileSystemWriter(StorageWriter):
                 info = StorageInfo(name, position, len(data), block_checksums(data, block), block)
                 results.append(WriteResult(item.index, len(data), info))
                 position += len(data)
+                if self.sync_files and position - started >= knobs.WRITEBACK_EVERY:
+                    file.flush()
+                    start_writeback(file.fileno(), started, position - started)
+                    started = position
             file.flush()
             if self.sync_files:
                 os.fsync(file.fileno())

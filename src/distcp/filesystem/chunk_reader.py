@@ -5,9 +5,10 @@ Two ways, each touching only the needed bytes:
 - **Direct**: a region that is one contiguous run of the chunk, covers whole
   checksum blocks and lands in a contiguous tensor of the saved dtype (a chunk
   loaded as it was saved, a row range of one) is ``pread`` straight into its
-  destination, a window at a time, and each window's blocks are checked there
-  while they are still in cache. One copy, from the page cache into place. When
-  a block fails, the error is raised with the destination partly filled.
+  destination in pieces of ``knobs.DIRECT_READ_SIZE``, each block's crc
+  extended over each piece while it is still in cache. One copy, from the page
+  cache into place. When a block fails, the error is raised with the
+  destination partly filled.
 - **Mapped**: any other region is copied out of the data file's read-only
   mapping (:mod:`distcp.filesystem.file_mappings`) into its destination, with a
   cast when the dtypes differ: a column slice of a row-major chunk is one

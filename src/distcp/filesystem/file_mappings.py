@@ -24,7 +24,7 @@ import torch
 
 from distcp.errors import CorruptCheckpointError
 
-__all__ = ["FileMappings", "OpenFile", "read_exactly"]
+__all__ = ["FileMappings", "OpenFile"]
 
 _PAGE = mmap.PAGESIZE
 
@@ -56,7 +56,7 @@ class OpenFile:
 
     def read_into(self, buffer: memoryview, offset: int) -> None:
         """Fill ``buffer`` with the file's bytes from ``offset``."""
-        read_exactly(self.fd, buffer, offset, self.path)
+        _read_exactly(self.fd, buffer, offset, self.path)
 
     def prefetch(self, start: int, end: int) -> None:
         """Ask the kernel to start reading file bytes ``[start, end)``."""
@@ -101,7 +101,7 @@ class FileMappings:
             self._files.clear()
 
 
-def read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+def _read_exactly(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     """``pread`` exactly ``len(buffer)`` bytes at ``offset`` or raise naming the file."""
     done = 0
     while done < len(buffer):

@@ -36,7 +36,7 @@ from distcp.filesystem.block_verification import (
     verify_masked_crcs,
 )
 from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
-from distcp.filesystem.file_mappings import FileMappings, read_exactly
+from distcp.filesystem.file_mappings import FileMappings, OpenFile
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
@@ -244,7 +244,7 @@ class FileSystemReader(StorageReader):
         verification: VerificationPlan,
     ) -> dict[BlockKey, int]:
         if items[0].type == LoadItemType.BYTE_IO:
-            self._read_value(self.path / info.relative_path, index, info, items, planner, lock)
+            self._read_value(mappings.get(info.relative_path), index, info, items, planner, lock)
             return {}
         assert self.metadata is not None
         entry = self.metadata.state_dict_metadata[index.fqn]
@@ -276,7 +276,7 @@ class FileSystemReader(StorageReader):
 
     def _read_value(
         self,
-        path: Path,
+        file: OpenFile,
         index: MetadataIndex,
         info: StorageInfo,
         items: list[ReadItem],
@@ -284,16 +284,12 @@ class FileSystemReader(StorageReader):
         lock: threading.Lock,
     ) -> None:
         data = bytearray(info.length)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            read_exactly(fd, memoryview(data), info.offset, path)
-        finally:
-            os.close(fd)
+        file.read_into(memoryview(data), info.offset)
         self.report.add(needed=info.length, read=info.length, items=len(items))
         if self.verify_checksums:
             bad = checksum_mismatch(memoryview(data), 0, info.checksums, info.checksum_block_size)
             if bad is not None:
-                raise checksum_error(str(path), index, info, bad)
+                raise checksum_error(str(file.path), index, info, bad)
             self.report.add(verified=info.length)
         for item in items:
             with lock:

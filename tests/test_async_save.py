@@ -296,3 +296,21 @@ def test_without_caching_every_save_plans(tmp_path: Path) -> None:
             state(), checkpoint_id=tmp_path / str(step), planner=planner_class(), no_dist=True
         )
     assert len(calls) == 2
+
+
+def test_a_plan_of_many_items_reaches_the_writer_process_whole(tmp_path: Path) -> None:
+    """Jobs go to the writer process in batches of items: every one arrives."""
+    live = {f"t{n}": random_tensor((n % 7 + 1, 3), torch.float32, n) for n in range(600)}
+    expected = {key: raw(value) for key, value in live.items()}
+    future = distcp.async_save(
+        live,
+        checkpoint_id=tmp_path,
+        no_dist=True,
+        async_checkpointer_type=distcp.AsyncCheckpointerType.PROCESS,
+    )
+    for value in live.values():
+        value.zero_()
+    future.result(timeout=120)
+    target = {key: torch.empty_like(value) for key, value in live.items()}
+    distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
+    assert {key: raw(value) for key, value in target.items()} == expected

@@ -3,13 +3,16 @@ on the same or a different number of ranks.
 
     python examples/train_resume.py --ckpt-dir DIR [--steps 20] [--save-every 5]
                                     [--world-size 2] [--global-batch 16]
+                                    [--async-save {off,thread,process}]
 
 Trains ``TinyLM`` (``tiny_lm.py``) on ``--world-size`` gloo ranks (CPU), each
 block and the root wrapped with ``fully_shard``, with AdamW on synthetic
 tokens, up to step ``--steps``. Every ``--save-every`` steps, and at the last
 step, the whole training state (model, optimizer, step, RNG streams and the
 data sampler's position: one ``distcp.training.TrainingState``) is saved to
-``DIR/step-<N>``.
+``DIR/step-<N>``. With ``--async-save thread`` or ``process`` the save runs in
+the background (``distcp.async_save``) while training goes on; each save is
+waited for before the next one starts, and the last before the run ends.
 
 On start it resumes from the latest committed checkpoint in ``DIR``: the
 ``step-<N>`` directory with the highest N that holds ``.metadata.distcp``
@@ -32,6 +35,7 @@ import argparse
 import re
 import sys
 import warnings
+from concurrent.futures import Future
 from itertools import islice
 from pathlib import Path
 
@@ -89,6 +93,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         )
 
     per_rank = args.global_batch // world_size
+    pending: tuple[Future[distcp.Metadata], Path] | None = None  # an async save in flight
     while state.step < args.steps:
         if len(sampler) < per_rank:  # this epoch's data is used up
             sampler.set_epoch(sampler.epoch + 1)
@@ -104,9 +109,26 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         log(f"step {state.step:4d}  loss {total.item() / world_size:.4f}")
         if state.step % args.save_every == 0 or state.step == args.steps:
             path = args.ckpt_dir / f"step-{state.step}"
-            distcp.save({"app": state}, checkpoint_id=path)
-            log(f"saved {path}")
+            if args.async_save == "off":
+                distcp.save({"app": state}, checkpoint_id=path)
+                log(f"saved {path}")
+                continue
+            wait_for(pending)
+            kind = distcp.AsyncCheckpointerType(args.async_save)
+            future = distcp.async_save(
+                {"app": state}, checkpoint_id=path, async_checkpointer_type=kind
+            )
+            pending = (future, path)  # training goes on while it is written
+    wait_for(pending)
     log(f"done: step {state.step}")
+
+
+def wait_for(pending: tuple[Future[distcp.Metadata], Path] | None) -> None:
+    """Wait for an async save to commit (it raises what the save raised)."""
+    if pending is not None:
+        future, path = pending
+        future.result()
+        log(f"saved {path}")
 
 
 def ranks(count: int) -> str:
@@ -128,6 +150,12 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, default=2, help="number of ranks")
     parser.add_argument("--global-batch", type=int, default=16, help="sequences a step")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--async-save",
+        choices=["off", "thread", "process"],
+        default="off",
+        help="save in the background: from a thread or a writer process",
+    )
     args = parser.parse_args()
     if args.global_batch % args.world_size:
         parser.error("--global-batch must be a multiple of --world-size")

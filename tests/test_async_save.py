@@ -314,3 +314,39 @@ def test_a_plan_of_many_items_reaches_the_writer_process_whole(tmp_path: Path) -
     target = {key: torch.empty_like(value) for key, value in live.items()}
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True)
     assert {key: raw(value) for key, value in target.items()} == expected
+
+
+SPAWNED_PICKLER = """
+import pickle, sys
+import torch
+import torch.multiprocessing as mp
+from distcp.metadata import TensorProperties
+
+def dump(rank):
+    sys.stdout.write(pickle.dumps(TensorProperties(dtype=torch.bfloat16)).hex())
+
+if __name__ == "__main__":
+    mp.spawn(dump, nprocs=1)
+"""
+
+
+def test_plans_pickled_in_a_spawned_rank_load_in_another_process(tmp_path: Path) -> None:
+    """In a rank started by ``torch.multiprocessing.spawn`` from a script that
+    imports torch, pickle names ``torch.contiguous_format`` after the script's
+    module (``__mp_main__``), which the writer process does not have. A plan's
+    tensor properties must pickle by name instead."""
+    import pickle
+    import subprocess
+    import sys
+
+    from distcp.metadata import TensorProperties
+
+    script = tmp_path / "train.py"
+    script.write_text(SPAWNED_PICKLER)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = bytes.fromhex(done.stdout.strip())
+    assert b"__mp_main__" not in data and b"__main__" not in data
+    assert pickle.loads(data) == TensorProperties(dtype=torch.bfloat16)

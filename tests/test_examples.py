@@ -53,6 +53,23 @@ def test_train_resume_continues_from_the_latest_committed_checkpoint(tmp_path: P
     assert (tmp_path / "step-6" / ".metadata.distcp").is_file()
 
 
+def test_train_resume_with_async_saves_from_a_writer_process_and_a_thread(tmp_path: Path) -> None:
+    common = ("--ckpt-dir", tmp_path, "--save-every", "2")
+    first = run_example(
+        "train_resume.py", *common, "--steps", "4", "--world-size", "2", "--async-save", "process"
+    )
+    assert [line.split()[1] for line in first.splitlines() if line.startswith("saved")] == [
+        str(tmp_path / "step-2"),
+        str(tmp_path / "step-4"),
+    ]
+    assert first.index("saved " + str(tmp_path / "step-4")) < first.index("done: step 4")
+    second = run_example(
+        "train_resume.py", *common, "--steps", "6", "--world-size", "1", "--async-save", "thread"
+    )
+    assert f"resumed from {tmp_path / 'step-4'} at step 4 on 1 rank (sample 64 of" in second
+    assert (tmp_path / "step-6" / ".metadata.distcp").is_file()
+
+
 def test_demo_resumes_bit_exact_on_another_layout(tmp_path: Path) -> None:
     output = run_example("demo.py", "--dir", tmp_path, timeout=240)
     assert "check   model, optimizer, step, sampler vs the saved ones: bit-exact" in output

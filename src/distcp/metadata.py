@@ -52,6 +52,35 @@ class TensorProperties:
     def create_from_tensor(tensor: torch.Tensor) -> TensorProperties:
         return TensorProperties(dtype=tensor.dtype, requires_grad=tensor.requires_grad)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # ``torch.memory_format`` pickles as a global named by whichever module
+        # first has it as an attribute; a training script's ``__main__`` (with
+        # ``import torch``) can win, and a process with another ``__main__``
+        # (the async-save writer process) cannot load it. Plans are pickled
+        # between ranks and to that process, so name it explicitly.
+        return (
+            _tensor_properties,
+            (
+                self.dtype,
+                str(self.layout),
+                self.requires_grad,
+                str(self.memory_format),
+                self.pin_memory,
+            ),
+        )
+
+
+def _tensor_properties(
+    dtype: torch.dtype, layout: str, requires_grad: bool, memory_format: str, pin_memory: bool
+) -> TensorProperties:
+    return TensorProperties(
+        dtype=dtype,
+        layout=getattr(torch, layout.removeprefix("torch.")),
+        requires_grad=requires_grad,
+        memory_format=getattr(torch, memory_format.removeprefix("torch.")),
+        pin_memory=pin_memory,
+    )
+
 
 @dataclass
 class TensorStorageMetadata:

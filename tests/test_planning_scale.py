@@ -25,7 +25,7 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner as DcpSavePlanner
 
 from distcp.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
-from distcp.planner import SavePlan
+from distcp.planner import SavePlan, item_nbytes
 from distcp.save_planner import DefaultSavePlanner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +59,7 @@ def _plan(plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
 
 
 def _nbytes(item: object) -> int:
-    size = item.tensor_storage_size()  # type: ignore[attr-defined]
-    return size if size is not None else item.bytes_io_data.nbytes  # type: ignore[attr-defined]
+    return item_nbytes(item)  # type: ignore[arg-type]
 
 
 def _written(plans: list[SavePlan]) -> dict[tuple[str, tuple[int, ...] | None], list[int]]:

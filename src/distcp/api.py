@@ -37,7 +37,7 @@ from distcp.plan_cache import PLAN_CACHE, plan_digest
 from distcp.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
-from distcp.storage import StorageReader, StorageWriter, WriteResult
+from distcp.storage import StorageReader, StorageWriter, WriteResult, wait_future
 
 __all__ = ["load", "load_state_dict", "save", "save_state_dict"]
 
@@ -146,7 +146,8 @@ def _save(
 
         def write() -> list[WriteResult]:
             final_plan = planner.finish_plan(planned.central_plan)
-            return writer.write_data(final_plan, planner).result()
+            results: list[WriteResult] = wait_future(writer.write_data(final_plan, planner))
+            return results
 
         return commit_save(planned, write)
 
@@ -244,7 +245,7 @@ def _load_paused(
 
     def read() -> dict[BlockKey, int]:
         final_plan = planner.finish_plan(central_plan)
-        reader.read_data(final_plan, planner).result()
+        wait_future(reader.read_data(final_plan, planner))
         return reader.masked_checksums() if isinstance(reader, FileSystemReader) else {}
 
     masked = ranks.all_gather("reading the checkpoint", read)

@@ -35,7 +35,7 @@ from distcp.metadata import STATE_DICT_TYPE, Metadata
 from distcp.planner import SavePlanner
 from distcp.save_planner import DefaultSavePlanner
 from distcp.staging import StagedPlanner, StagingBuffers
-from distcp.storage import StorageWriter, WriteResult
+from distcp.storage import StorageWriter, WriteResult, wait_future
 from distcp.writer_process import WriterProcess
 
 __all__ = ["AsyncCheckpointerType", "async_save", "staging_buffers", "writer_process"]
@@ -94,7 +94,7 @@ class _AsyncSaver:
         writer, process = planned.writer, self.process
         if process is None:
             staged_planner = StagedPlanner(staged, arena.memory)
-            return lambda: writer.write_data(final_plan, staged_planner).result()
+            return lambda: wait_future(writer.write_data(final_plan, staged_planner))
         return lambda: process.write(writer, final_plan, staged, arena)
 
 

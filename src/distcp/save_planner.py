@@ -34,6 +34,7 @@ from distcp.planner import (
     TensorWriteData,
     WriteItem,
     WriteItemType,
+    item_nbytes,
 )
 from distcp.tensor_layout import tensor_layout
 from distcp.value_codec import encode_value
@@ -331,13 +332,10 @@ def _balance(
 
 def _size(item: WriteItem) -> int:
     if type(item) is WriteItem and item.tensor_data is not None:
-        # WriteItem.tensor_storage_size, without the method call (a million items)
+        # item_nbytes, without the call (a million items)
         data = item.tensor_data
         return math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
-    size = item.tensor_storage_size()
-    if size is not None:
-        return size
-    return item.bytes_io_data.nbytes if item.bytes_io_data else 0
+    return item_nbytes(item)
 
 
 def _describe(item: WriteItem) -> str:

@@ -1,88 +1,57 @@
-"""The storage interfaces, with DCP's names and call order.
+"""The storage interfaces: torch DCP's own ``StorageWriter`` / ``StorageReader``.
 
-Storage decides where bytes go and never interprets a state dict. The
-orchestration in ``api.py`` calls, on every rank unless noted:
+Storage decides where bytes go and never interprets a state dict. The classes
+are ``torch.distributed.checkpoint.storage``'s, so a storage class written for
+torch DCP is one for distcp too. The orchestration in ``api.py`` calls, on every
+rank unless noted:
 
 Save: ``reset`` → ``set_up_storage_writer`` → ``prepare_local_plan`` →
 (coordinator) ``prepare_global_plan`` → ``write_data`` → (coordinator) ``finish``.
 
 Load: ``reset`` → ``read_metadata`` → ``set_up_storage_reader`` →
 ``prepare_local_plan`` → (coordinator) ``prepare_global_plan`` → ``read_data``.
+
+``write_data`` and ``read_data`` return a future. torch's storage returns a
+``torch.futures.Future`` (``wait()``/``value()``), other code a
+``concurrent.futures.Future`` (``result()``); :func:`wait_future` takes either,
+and distcp's own storage returns futures that answer both (:func:`done_future`).
 """
 
 from __future__ import annotations
 
-import abc
-import os
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from distcp.metadata import Metadata, MetadataIndex, StorageMeta
-from distcp.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+import torch
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-__all__ = ["StorageReader", "StorageWriter", "WriteResult"]
+__all__ = ["StorageReader", "StorageWriter", "WriteResult", "done_future", "wait_future"]
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class WriteResult:
-    index: MetadataIndex
-    size_in_bytes: int
-    storage_data: Any
+def wait_future(future: Any) -> Any:
+    """The value of a storage future of either kind, raising its error."""
+    if hasattr(future, "wait") and not hasattr(future, "result"):
+        return future.wait()  # torch.futures.Future: wait() returns the value
+    if hasattr(future, "result"):
+        return future.result()  # concurrent.futures.Future (and ours)
+    raise TypeError(
+        f"storage returned {type(future).__name__!r}, which is not a future: expected a "
+        "torch.futures.Future or a concurrent.futures.Future"
+    )
 
 
-class StorageWriter(abc.ABC):
-    """Writes the items of a save plan and commits the checkpoint."""
+class DoneFuture(torch.futures.Future[Any]):
+    """A finished ``torch.futures.Future`` that also answers ``result()``, the
+    ``concurrent.futures`` spelling, so that code written for either works."""
 
-    @abc.abstractmethod
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None: ...
-
-    @abc.abstractmethod
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None: ...
-
-    @abc.abstractmethod
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan: ...
-
-    @abc.abstractmethod
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]: ...
-
-    @abc.abstractmethod
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]: ...
-
-    @abc.abstractmethod
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None: ...
-
-    @classmethod
-    @abc.abstractmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool: ...
-
-    def storage_meta(self) -> StorageMeta | None:
-        return None
+    def result(self, timeout: float | None = None) -> Any:
+        return self.wait()
 
 
-class StorageReader(abc.ABC):
-    """Reads a checkpoint's metadata and the items of a load plan."""
-
-    @abc.abstractmethod
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None: ...
-
-    @abc.abstractmethod
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata: ...
-
-    @abc.abstractmethod
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None: ...
-
-    @abc.abstractmethod
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan: ...
-
-    @abc.abstractmethod
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]: ...
-
-    @abc.abstractmethod
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]: ...
-
-    @classmethod
-    @abc.abstractmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool: ...
+def done_future(value: T) -> torch.futures.Future[T]:
+    """``value`` as a finished future that both torch DCP (``wait()``) and
+    ``concurrent.futures`` code (``result()``) can wait on."""
+    future = DoneFuture()
+    future.set_result(value)
+    return future

@@ -36,7 +36,7 @@ from distcp.distributed import sendable_error
 from distcp.errors import CheckpointError
 from distcp.planner import SavePlan, WriteItem
 from distcp.staging import Arena, StagedPlanner, StagedSave
-from distcp.storage import StorageWriter, WriteResult
+from distcp.storage import StorageWriter, WriteResult, wait_future
 
 __all__ = ["WriterProcess", "serve"]
 
@@ -178,7 +178,7 @@ def serve(fd: int) -> None:
             arena = torch.frombuffer(mapping, dtype=torch.uint8)[:size]
         try:
             assert arena is not None
-            results = writer.write_data(plan, StagedPlanner(staged, arena)).result()
+            results = wait_future(writer.write_data(plan, StagedPlanner(staged, arena)))
             connection.send(("ok", results))
         except Exception as error:
             connection.send(("error", sendable_error(error)))

@@ -16,10 +16,12 @@ import os
 import stat
 import threading
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distcp import knobs
 from distcp.errors import (
@@ -44,7 +46,7 @@ from distcp.geometry import Box
 from distcp.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from distcp.metadata_file import decode_metadata
 from distcp.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from distcp.storage import StorageReader
+from distcp.storage import StorageReader, done_future
 
 __all__ = ["FileSystemReader", "LoadReport"]
 
@@ -129,7 +131,7 @@ class FileSystemReader(StorageReader):
             replace(plan, storage_data=mine) for plan, mine in zip(plans, verification, strict=True)
         ]
 
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         if self.metadata is None:
             raise CheckpointFormatError("read_data called before read_metadata")
         self.report = LoadReport()
@@ -189,9 +191,7 @@ class FileSystemReader(StorageReader):
             self.report.bytes_verified,
             self.report.split_blocks,
         )
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+        return done_future(None)
 
     def masked_checksums(self) -> dict[BlockKey, int]:
         """This rank's masked crcs of the blocks it read in part, for

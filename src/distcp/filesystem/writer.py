@@ -4,7 +4,7 @@ commits the checkpoint atomically (DESIGN §4)."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from distcp.filesystem.tensor_bytes import block_checksums, host_bytes, require_
 from distcp.filesystem.writeback import start_writeback
 from distcp.metadata import Metadata, StorageInfo, StorageMeta
 from distcp.metadata_file import encode_metadata
-from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
-from distcp.storage import StorageWriter, WriteResult
+from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType, item_nbytes
+from distcp.storage import StorageWriter, WriteResult, done_future
 
 __all__ = ["FileSystemWriter"]
 
@@ -118,14 +118,15 @@ class FileSystemWriter(StorageWriter):
             for rank, plan in enumerate(plans)
         ]
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+    def write_data(
+        self, plan: SavePlan, planner: SavePlanner
+    ) -> torch.futures.Future[list[WriteResult]]:
         files = plan.storage_data
         if not isinstance(files, RankFiles):
             files = RankFiles(self.save_id or new_save_id(), self.rank)
         self.save_id = files.save_id
         buckets = self._buckets(plan.items)
         names = [data_file_name(files.save_id, files.rank, n) for n in range(len(buckets))]
-        future: Future[list[WriteResult]] = Future()
         try:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-write") as pool:
                 parts = list(pool.map(self._write_file, names, buckets, [planner] * len(names)))
@@ -133,8 +134,7 @@ class FileSystemWriter(StorageWriter):
             for name in names:
                 (self.path / name).unlink(missing_ok=True)
             raise
-        future.set_result([result for part in parts for result in part])
-        return future
+        return done_future([result for part in parts for result in part])
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         storage_data = {result.index: result.storage_data for part in results for result in part}
@@ -158,10 +158,10 @@ class FileSystemWriter(StorageWriter):
         count = max(1, min(self.thread_count, len(items)))
         buckets: list[list[WriteItem]] = [[] for _ in range(count)]
         loads = [0] * count
-        for item in sorted(items, key=_item_bytes, reverse=True):
+        for item in sorted(items, key=item_nbytes, reverse=True):
             lightest = loads.index(min(loads))
             buckets[lightest].append(item)
-            loads[lightest] += _item_bytes(item)
+            loads[lightest] += item_nbytes(item)
         return [bucket for bucket in buckets if bucket] or [[]]
 
     def _write_file(
@@ -206,13 +206,6 @@ class FileSystemWriter(StorageWriter):
                 Path(entry.path).unlink(missing_ok=True)
 
 
-def _item_bytes(item: WriteItem) -> int:
-    size = item.tensor_storage_size()
-    if size is not None:
-        return size
-    return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
-
-
 def _item_data(item: WriteItem, planner: SavePlanner, stager: PinnedStager) -> StagedItem:
     data = planner.resolve_data(item)
     if item.type == WriteItemType.BYTE_IO:
@@ -231,8 +224,10 @@ def _item_data(item: WriteItem, planner: SavePlanner, stager: PinnedStager) -> S
 
 
 def _check_size(item: WriteItem, data: memoryview) -> None:
-    expected = item.tensor_storage_size() if item.type != WriteItemType.BYTE_IO else None
-    if expected is not None and len(data) != expected:
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return
+    expected = item_nbytes(item)
+    if len(data) != expected:
         raise CheckpointError(
             f"key {item.index.fqn!r}: resolve_data returned {len(data)} bytes but the plan "
             f"says {expected} (shape or dtype changed between planning and writing)"

@@ -116,7 +116,7 @@ def failing_save(rank: int, world_size: int, path: str, where: str) -> tuple[str
     with renaming, pytest.raises(distcp.DistributedCheckpointError) as caught:
         distcp.save(state, storage_writer=writer, planner=planner)
     error = caught.value
-    return str(error), sorted(error.failures), str(error.failures[min(error.failures)])
+    return str(error), sorted(error.failures), str(error.causes[min(error.causes)])
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_a_full_disk_in_one_process_leaves_the_previous_checkpoint(
         monkeypatch.setattr("distcp.filesystem.layout.os.replace", no_space)
     with pytest.raises(distcp.CheckpointError, match="No space left on device") as caught:
         distcp.save(full_state(2), checkpoint_id=tmp_path, no_dist=True)
-    assert isinstance(caught.value.failures.get(0), OSError)
+    assert isinstance(caught.value.causes.get(0), OSError)
     monkeypatch.undo()
     assert_previous_checkpoint_intact(tmp_path, before, version=1)
     assert not any(layout.is_temporary_metadata_name(p.name) for p in tmp_path.iterdir())

@@ -14,6 +14,7 @@ from distcp import state_dict, training
 from distcp.api import load, load_state_dict, save, save_state_dict
 from distcp.async_save import AsyncCheckpointerType, async_save
 from distcp.errors import (
+    CheckpointArgumentError,
     CheckpointError,
     CheckpointException,
     CheckpointExistsError,
@@ -27,6 +28,7 @@ from distcp.errors import (
     PickleNotAllowedError,
     RemoteError,
     ShapeMismatchError,
+    UnsupportedStorageError,
     UnsupportedValueError,
 )
 from distcp.filesystem import FileSystemReader, FileSystemWriter, LoadReport
@@ -59,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncCheckpointerType",
     "BytesStorageMetadata",
+    "CheckpointArgumentError",
     "CheckpointError",
     "CheckpointException",
     "CheckpointExistsError",
@@ -92,6 +95,7 @@ __all__ = [
     "StorageWriter",
     "TensorProperties",
     "TensorStorageMetadata",
+    "UnsupportedStorageError",
     "UnsupportedValueError",
     "WriteItem",
     "WriteItemType",

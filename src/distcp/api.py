@@ -17,16 +17,24 @@ between ranks from all ranks' masked crcs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from distcp.distributed import Coordinator
+from distcp.errors import (
+    CheckpointArgumentError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    UnsupportedStorageError,
+)
 from distcp.filesystem.block_verification import BlockKey
 from distcp.filesystem.reader import FileSystemReader
 from distcp.filesystem.writer import FileSystemWriter
@@ -41,7 +49,38 @@ from distcp.storage import StorageReader, StorageWriter, WriteResult, wait_futur
 
 __all__ = ["load", "load_state_dict", "save", "save_state_dict"]
 
+F = TypeVar("F", bound=Callable[..., Any])
 
+
+def accepts_old_argument_order(storage_name: str) -> Callable[[F], F]:
+    """Let ``f(state_dict, storage)`` mean ``f(state_dict, <storage_name>=storage)``
+    with a ``FutureWarning``, as torch DCP does for code written before its
+    arguments became keyword-only."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if len(args) == 2:
+                if storage_name in kwargs:
+                    raise TypeError(
+                        f"{function.__name__}() got {storage_name} both positionally and by keyword"
+                    )
+                warnings.warn(
+                    f"{function.__name__}(state_dict, {storage_name}) is the old argument "
+                    f"order; pass {storage_name}=... by keyword",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                kwargs[storage_name] = args[1]
+                args = args[:1]
+            return function(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return decorate
+
+
+@accepts_old_argument_order("storage_writer")
 def save(
     state_dict: STATE_DICT_TYPE,
     *,
@@ -50,6 +89,7 @@ def save(
     planner: SavePlanner | None = None,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
+    use_collectives: bool = True,
 ) -> Metadata:
     """Save ``state_dict`` as a checkpoint; every rank of ``process_group`` calls it.
 
@@ -57,11 +97,18 @@ def save(
     ranks); the coordinator commits the metadata once every rank succeeded. If
     any rank fails, nothing is committed, the checkpoint previously at the path
     stays loadable, and every rank raises the same error.
+
+    With ``use_collectives=False`` (DCP's rank-local save) no rank talks to
+    another: each plans, writes and commits its own state under its own
+    rank-scoped metadata, and loading needs the same world size.
     """
-    writer = _storage(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
+    writer = storage_for(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
+    if not use_collectives:
+        return _save_rank_local(state_dict, writer, planner, process_group, no_dist)
     return _save(state_dict, writer, planner, process_group, no_dist, coordinator_rank=0)
 
 
+@accepts_old_argument_order("storage_reader")
 def load(
     state_dict: STATE_DICT_TYPE,
     *,
@@ -77,7 +124,7 @@ def load(
     non-tensor values are replaced inside the caller's (nested) dict;
     ``Stateful`` values get ``load_state_dict`` with what was loaded.
     """
-    reader = _storage(storage_reader, checkpoint_id, FileSystemReader, "storage_reader")
+    reader = storage_for(storage_reader, checkpoint_id, FileSystemReader, "storage_reader")
     _load(state_dict, reader, planner, process_group, no_dist, coordinator_rank=0)
 
 
@@ -107,13 +154,45 @@ def load_state_dict(
     _load(state_dict, storage_reader, planner, process_group, no_dist, coordinator_rank)
 
 
-def _storage(given: Any, checkpoint_id: Any, default: type, name: str) -> Any:
+def storage_for(given: Any, checkpoint_id: Any, default: type, name: str) -> Any:
+    """The storage a call uses: ``given`` (reset to ``checkpoint_id``), or
+    distcp's own file-system storage at ``checkpoint_id``.
+
+    A URL (``s3://…``, ``gs://…``, ``memory://…``) is never taken as a local
+    directory: ``file://`` URLs become their path, any other scheme raises
+    :class:`UnsupportedStorageError` naming the storage that handles it.
+    """
     if given is None:
         if checkpoint_id is None:
-            raise ValueError(f"pass checkpoint_id (a directory) or a {name}")
-        return default(checkpoint_id)
+            raise CheckpointArgumentError(
+                f"pass checkpoint_id (a checkpoint directory) or a {name}; neither was given"
+            )
+        return default(_local_path(checkpoint_id, name))
+    if isinstance(given, (FileSystemWriter, FileSystemReader)) and checkpoint_id is not None:
+        checkpoint_id = _local_path(checkpoint_id, name)
     given.reset(checkpoint_id)
     return given
+
+
+def _local_path(checkpoint_id: Any, name: str) -> Any:
+    text = os.fspath(checkpoint_id) if isinstance(checkpoint_id, os.PathLike) else checkpoint_id
+    if not isinstance(text, str):
+        raise CheckpointArgumentError(
+            f"checkpoint_id must be a path or a string, got {type(checkpoint_id).__name__}"
+        )
+    scheme, separator, rest = text.partition("://")
+    if not separator or "/" in scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+        return checkpoint_id
+    if scheme == "file":
+        return rest
+    reader = name == "storage_reader"
+    torch_class = "FsspecReader" if reader else "FsspecWriter"
+    raise UnsupportedStorageError(
+        f"checkpoint_id {text!r} is a {scheme}:// URL; distcp's own storage writes local "
+        "directories only (object storage is planned). Pass "
+        f"{name}=torch.distributed.checkpoint.{torch_class}({text!r}) to use torch's fsspec "
+        "storage (torch DCP's format) through distcp, or a local path"
+    )
 
 
 def _coordinator(
@@ -121,7 +200,9 @@ def _coordinator(
 ) -> Coordinator:
     if not no_dist and not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
-            raise ValueError("a process_group was given but torch.distributed is not initialised")
+            raise CheckpointArgumentError(
+                "a process_group was given but torch.distributed is not initialised"
+            )
         warnings.warn(
             "torch.distributed is not initialised; running as a single process (pass "
             "no_dist=True to silence this)",
@@ -152,7 +233,71 @@ def _save(
         return commit_save(planned, write)
 
 
-@dataclass
+def set_up_save(
+    planner: SavePlanner,
+    writer: StorageWriter,
+    state_dict: STATE_DICT_TYPE,
+    ranks: Coordinator,
+    *,
+    use_collectives: bool,
+) -> None:
+    """``set_up_planner`` and ``set_up_storage_writer``, passing the newer
+    arguments (``storage_meta``; ``rank``, ``use_collectives``) only to
+    implementations that take them, as torch DCP does for older classes."""
+    if accepts_parameter(planner.set_up_planner, "storage_meta"):
+        planner.set_up_planner(state_dict, writer.storage_meta(), ranks.is_coordinator)
+    else:
+        planner.set_up_planner(state_dict, ranks.is_coordinator)  # type: ignore[arg-type]
+    if accepts_parameter(writer.set_up_storage_writer, "rank"):
+        writer.set_up_storage_writer(
+            ranks.is_coordinator, rank=ranks.rank, use_collectives=use_collectives
+        )
+    else:
+        writer.set_up_storage_writer(ranks.is_coordinator)
+
+
+def accepts_parameter(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` takes a keyword ``name`` (by name or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def _save_rank_local(
+    state_dict: STATE_DICT_TYPE,
+    writer: StorageWriter,
+    planner: SavePlanner | None,
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+) -> Metadata:
+    """DCP's ``use_collectives=False``: this rank plans, writes and commits its
+    own state alone, as a one-rank save under rank-scoped metadata; the ranks
+    meet once at the end (as DCP's barrier), where a failure on any rank
+    raises on every rank."""
+    ranks = _coordinator(process_group, no_dist, coordinator_rank=0)
+    planner = planner or DefaultSavePlanner()
+    resolved = _resolve_stateful(state_dict)
+
+    def save_alone() -> Metadata:
+        with gc_paused():
+            set_up_save(planner, writer, resolved, ranks, use_collectives=False)
+            local = writer.prepare_local_plan(planner.create_local_plan())
+            plans, metadata = planner.create_global_plan([local])
+            plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
+            results: list[WriteResult] = wait_future(writer.write_data(plan, planner))
+            writer.finish(metadata, [results])
+            return metadata
+
+    metadata_box: list[Metadata] = []
+    ranks.all_gather("saving rank-local checkpoints", lambda: metadata_box.append(save_alone()))
+    return metadata_box[0]
+
+
+@dataclasses.dataclass
 class PlannedSave:
     """A save after its collective planning: this rank's plan from the
     coordinator (before ``finish_plan``), and what the commit needs."""
@@ -172,10 +317,7 @@ def plan_save(
     metadata_box: list[Metadata] = []
 
     def local_plan() -> SavePlan:
-        planner.set_up_planner(resolved, writer.storage_meta(), ranks.is_coordinator)
-        writer.set_up_storage_writer(
-            ranks.is_coordinator, rank=ranks.rank, use_collectives=ranks.distributed
-        )
+        set_up_save(planner, writer, resolved, ranks, use_collectives=True)
         return writer.prepare_local_plan(planner.create_local_plan())
 
     def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
@@ -189,6 +331,10 @@ def plan_save(
                 PLAN_CACHE.store(key, digest, all_plans, metadata)
         else:
             all_plans, metadata = cached
+            # The plans repeat; this save's storage (its checkpoint_id) does not.
+            metadata = dataclasses.replace(
+                metadata, storage_meta=getattr(planner, "storage_meta", None), storage_data=None
+            )
         metadata_box.append(metadata)
         return writer.prepare_global_plan(all_plans)
 
@@ -230,12 +376,18 @@ def _load_paused(
 ) -> None:
     ranks = _coordinator(process_group, no_dist, coordinator_rank)
     planner = planner or DefaultLoadPlanner()
-    resolved = _resolve_stateful(state_dict)
+    # Sorted, as torch DCP does: a Stateful's state_dict() may run collectives.
+    resolved = _resolve_stateful({key: state_dict[key] for key in sorted(state_dict)})
 
     def local_plan() -> LoadPlan:
-        metadata = reader.read_metadata()
+        metadata, use_collectives = read_metadata(reader, ranks.rank)
         planner.set_up_planner(resolved, metadata, ranks.is_coordinator)
-        reader.set_up_storage_reader(metadata, ranks.is_coordinator)
+        if accepts_parameter(reader.set_up_storage_reader, "rank"):
+            reader.set_up_storage_reader(
+                metadata, ranks.is_coordinator, rank=ranks.rank, use_collectives=use_collectives
+            )
+        else:
+            reader.set_up_storage_reader(metadata, ranks.is_coordinator)
         return reader.prepare_local_plan(planner.create_local_plan())
 
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
@@ -251,11 +403,27 @@ def _load_paused(
     masked = ranks.all_gather("reading the checkpoint", read)
     if isinstance(reader, FileSystemReader):
         reader.verify_split_blocks(masked)  # same outcome on every rank: all see all
-    for key, value in state_dict.items():
+    for key in sorted(state_dict):  # the same order on every rank, whatever each dict's
+        value = state_dict[key]
         if _is_stateful(value):
             value.load_state_dict(resolved[key])
         else:  # a top-level value the planner replaced in the shallow copy
             state_dict[key] = resolved[key]
+
+
+def read_metadata(reader: StorageReader, rank: int) -> tuple[Metadata, bool]:
+    """The checkpoint's metadata, and whether it is one global metadata (True)
+    or this rank's own from a ``use_collectives=False`` save (False)."""
+    try:
+        return reader.read_metadata(), True
+    except IncompleteCheckpointError:
+        if not accepts_parameter(reader.read_metadata, "rank"):
+            raise
+        try:
+            return reader.read_metadata(rank=rank), False
+        except (IncompleteCheckpointError, CheckpointNotFoundError):
+            pass
+        raise
 
 
 def _is_stateful(value: Any) -> bool:

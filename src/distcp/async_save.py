@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.distributed as dist
 
-from distcp.api import PlannedSave, _coordinator, _storage, commit_save, plan_save
+from distcp.api import PlannedSave, _coordinator, commit_save, plan_save, storage_for
 from distcp.filesystem.writer import FileSystemWriter
 from distcp.gc_pause import gc_paused
 from distcp.metadata import STATE_DICT_TYPE, Metadata
@@ -129,7 +129,7 @@ def async_save(
         saver = _savers.get(async_checkpointer_type)
         if saver is None:
             saver = _savers[async_checkpointer_type] = _AsyncSaver(async_checkpointer_type)
-        writer = _storage(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
+        writer = storage_for(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
         distributed = not no_dist and dist.is_available() and dist.is_initialized()
         group = saver.group_for(process_group) if distributed else None
         planner = planner or DefaultSavePlanner()

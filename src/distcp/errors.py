@@ -11,9 +11,15 @@ Messages name the key, rank and file involved and, where there is one, the fix.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping, Sequence
+from typing import TypeAlias
+
+WrappedException: TypeAlias = tuple[BaseException, traceback.StackSummary]
+"""DCP's ``WRAPPED_EXCEPTION``: a rank's exception and the stack it was raised from."""
 
 __all__ = [
+    "CheckpointArgumentError",
     "CheckpointError",
     "CheckpointException",
     "CheckpointExistsError",
@@ -27,7 +33,9 @@ __all__ = [
     "PickleNotAllowedError",
     "RemoteError",
     "ShapeMismatchError",
+    "UnsupportedStorageError",
     "UnsupportedValueError",
+    "WrappedException",
 ]
 
 
@@ -35,10 +43,16 @@ class CheckpointError(Exception):
     """Base class of every error distcp raises."""
 
     @property
-    def failures(self) -> Mapping[int, BaseException]:
-        """Per-rank causes, as in DCP's ``CheckpointException.failures``; empty
-        for an error raised by this process alone."""
+    def failures(self) -> Mapping[int, WrappedException]:
+        """Per-rank ``(exception, stack)`` pairs, as in DCP's
+        ``CheckpointException.failures``; empty for an error raised by this
+        process alone. :attr:`causes` has the bare exceptions."""
         return {}
+
+    @property
+    def causes(self) -> Mapping[int, BaseException]:
+        """Per-rank causes: ``failures`` without the stacks."""
+        return {rank: wrapped[0] for rank, wrapped in self.failures.items()}
 
 
 CheckpointException = CheckpointError
@@ -85,7 +99,8 @@ class KeyMismatchError(CheckpointError, KeyError):
         self.unexpected = list(unexpected)
         parts = []
         if self.missing:
-            parts.append(f"missing from the checkpoint: {_key_list(self.missing)}")
+            # DCP's words, which its users and tests match on.
+            parts.append(f"Missing key in checkpoint state_dict: {_key_list(self.missing)}")
         if self.unexpected:
             parts.append(f"not expected: {_key_list(self.unexpected)}")
         message = "; ".join(parts) or "key mismatch"
@@ -165,8 +180,30 @@ class DistributedCheckpointError(CheckpointError):
         super().__init__(f"{step} failed on rank(s) {ranks}:\n{causes}")
 
     @property
-    def failures(self) -> Mapping[int, BaseException]:
+    def failures(self) -> Mapping[int, WrappedException]:
+        return {rank: (exc, _stack_of(exc)) for rank, exc in self._failures.items()}
+
+    @property
+    def causes(self) -> Mapping[int, BaseException]:
         return self._failures
 
     def __reduce__(self) -> tuple[object, ...]:
         return (DistributedCheckpointError, (self.step, self._failures))
+
+
+def _stack_of(error: BaseException) -> traceback.StackSummary:
+    """The stack ``error`` was raised from (empty for one received from
+    another rank: tracebacks do not travel; a :class:`RemoteError` keeps its
+    text in ``traceback``)."""
+    return traceback.StackSummary.extract(traceback.walk_tb(error.__traceback__))
+
+
+class UnsupportedStorageError(CheckpointError, ValueError):
+    """The checkpoint location or storage option is one distcp's storage does
+    not handle (yet); the message names the alternative."""
+
+
+class CheckpointArgumentError(CheckpointError, ValueError):
+    """An argument of ``save`` / ``load`` is missing or does not fit the
+    others (no ``checkpoint_id`` and no storage, a process group without
+    torch.distributed, ...)."""

@@ -12,6 +12,7 @@ import torch
 from distcp.dtypes import is_lossless_cast
 from distcp.errors import (
     CheckpointError,
+    CheckpointFormatError,
     DtypeMismatchError,
     KeyMismatchError,
     ShapeMismatchError,
@@ -123,8 +124,8 @@ class DefaultLoadPlanner(LoadPlanner):
         layout = tensor_layout(key, value)
         if layout.global_shape != tuple(entry.size):
             raise ShapeMismatchError(
-                f"key {key!r}: the checkpoint has shape {list(entry.size)}, the state dict "
-                f"asks for {list(layout.global_shape)}"
+                f"key {key!r}: Size mismatch between the saved shape {list(entry.size)} and "
+                f"the shape the state dict asks for, {list(layout.global_shape)}"
             )
         saved_dtype = entry.properties.dtype
         if not (is_lossless_cast(saved_dtype, layout.dtype) or self.allow_dtype_cast):
@@ -170,24 +171,64 @@ class DefaultLoadPlanner(LoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         key = read_item.dest_index.fqn
-        decoded = decode_value(value.getbuffer(), key=key, allow_pickle=self.allow_pickle)
+        data = value.getbuffer()
+        if bytes(data[:4]) == TORCH_SAVE_MAGIC:
+            decoded = _torch_load_safely(value, key)  # a torch DCP planner's value
+        else:
+            decoded = decode_value(data, key=key, allow_pickle=self.allow_pickle)
         self.state_dict[key] = decoded
         set_at_path(self.original_state_dict, self.paths[key], decoded)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        destination = self._destinations[read_item.dest_index].detach()
-        if read_item.lengths == destination.shape and not any(read_item.dest_offsets):
-            return destination  # the whole destination
+        """The tensor storage fills: ``transform_tensor(item,
+        lookup_tensor(dest_index))``, as in DCP."""
+        return self.transform_tensor(read_item, self.lookup_tensor(read_item.dest_index))
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        """This rank's destination chunk at ``index`` (a plain tensor, or a
+        DTensor's / ShardedTensor's local piece)."""
+        destination = self._destinations.get(index)
+        if destination is None:
+            raise CheckpointError(
+                f"key {index.fqn!r}: no destination chunk at offsets "
+                f"{list(index.offset or ())} in the state dict being loaded"
+            )
+        return destination.detach()
+
+    def transform_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> torch.Tensor:
+        """The view of ``tensor`` that ``read_item`` fills (its ``dest_offsets``
+        and ``lengths``)."""
+        if read_item.lengths == tensor.shape and not any(read_item.dest_offsets):
+            return tensor  # the whole destination
         for dim, (offset, length) in enumerate(
             zip(read_item.dest_offsets, read_item.lengths, strict=True)
         ):
-            destination = destination.narrow(dim, offset, length)
-        return destination
+            tensor = tensor.narrow(dim, offset, length)
+        return tensor
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         """Nothing to do: the reader wrote straight into the view that
         ``resolve_tensor`` returned. A custom planner that resolves to a
         staging tensor copies it into place here."""
+
+
+TORCH_SAVE_MAGIC = b"PK\x03\x04"
+"""How a ``torch.save`` archive starts (a zip), as torch DCP's planners write
+values; distcp's value encoding never starts so (a msgpack stream starting
+with the integer 80 has nothing after it)."""
+
+
+def _torch_load_safely(value: io.BytesIO, key: str) -> object:
+    """A value torch DCP's planner saved, loaded with ``weights_only=True``:
+    tensors, containers and primitive types only, never arbitrary code."""
+    value.seek(0)
+    try:
+        return torch.load(value, weights_only=True)
+    except Exception as error:
+        raise CheckpointFormatError(
+            f"key {key!r}: the value was saved by torch DCP (torch.save) and holds something "
+            f"torch.load(weights_only=True) refuses, so distcp will not load it: {error}"
+        ) from error
 
 
 def _bytes_item(key: str) -> ReadItem:

@@ -10,9 +10,30 @@ with a pickle-free, specified format (``docs/format.md``), checksums verified on
 load, and atomic commits that never damage the last good checkpoint.
 """
 
-from distcp import state_dict, training
+from distcp import (
+    default_planner,
+    filesystem,
+    format_utils,
+    hf_storage,
+    logger,
+    logging_handlers,
+    metadata,
+    optimizer,
+    planner,
+    planner_helpers,
+    quantized_hf_storage,
+    resharding,
+    staging,
+    state_dict,
+    state_dict_loader,
+    state_dict_saver,
+    stateful,
+    storage,
+    training,
+    utils,
+)
 from distcp.api import load, load_state_dict, save, save_state_dict
-from distcp.async_save import AsyncCheckpointerType, async_save
+from distcp.async_save import AsyncCheckpointerType, AsyncSaveResponse, async_save
 from distcp.errors import (
     CheckpointArgumentError,
     CheckpointError,
@@ -32,6 +53,7 @@ from distcp.errors import (
     UnsupportedValueError,
 )
 from distcp.filesystem import FileSystemReader, FileSystemWriter, LoadReport
+from distcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from distcp.load_planner import DefaultLoadPlanner
 from distcp.metadata import (
     BytesStorageMetadata,
@@ -42,6 +64,7 @@ from distcp.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from distcp.optimizer import load_sharded_optimizer_state_dict
 from distcp.planner import (
     LoadItemType,
     LoadPlan,
@@ -52,6 +75,7 @@ from distcp.planner import (
     WriteItem,
     WriteItemType,
 )
+from distcp.quantized_hf_storage import QuantizedHuggingFaceStorageReader
 from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
 from distcp.storage import StorageReader, StorageWriter, WriteResult
@@ -60,6 +84,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCheckpointerType",
+    "AsyncSaveResponse",
     "BytesStorageMetadata",
     "CheckpointArgumentError",
     "CheckpointError",
@@ -75,6 +100,8 @@ __all__ = [
     "DtypeMismatchError",
     "FileSystemReader",
     "FileSystemWriter",
+    "HuggingFaceStorageReader",
+    "HuggingFaceStorageWriter",
     "IncompleteCheckpointError",
     "KeyMismatchError",
     "LoadItemType",
@@ -84,6 +111,7 @@ __all__ = [
     "Metadata",
     "MetadataIndex",
     "PickleNotAllowedError",
+    "QuantizedHuggingFaceStorageReader",
     "ReadItem",
     "RemoteError",
     "SavePlan",
@@ -102,10 +130,29 @@ __all__ = [
     "WriteResult",
     "__version__",
     "async_save",
+    "default_planner",
+    "filesystem",
+    "format_utils",
+    "hf_storage",
     "load",
+    "load_sharded_optimizer_state_dict",
     "load_state_dict",
+    "logger",
+    "logging_handlers",
+    "metadata",
+    "optimizer",
+    "planner",
+    "planner_helpers",
+    "quantized_hf_storage",
+    "resharding",
     "save",
     "save_state_dict",
+    "staging",
     "state_dict",
+    "state_dict_loader",
+    "state_dict_saver",
+    "stateful",
+    "storage",
     "training",
+    "utils",
 ]

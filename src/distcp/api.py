@@ -31,6 +31,7 @@ import torch.distributed as dist
 from distcp.distributed import Coordinator
 from distcp.errors import (
     CheckpointArgumentError,
+    CheckpointException,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     UnsupportedStorageError,
@@ -47,7 +48,7 @@ from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
 from distcp.storage import StorageReader, StorageWriter, WriteResult, wait_future
 
-__all__ = ["load", "load_state_dict", "save", "save_state_dict"]
+__all__ = ["CheckpointException", "load", "load_state_dict", "save", "save_state_dict"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

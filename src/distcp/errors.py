@@ -40,14 +40,24 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every error distcp raises."""
+    """Base class of every error distcp raises.
+
+    Constructed as DCP's ``CheckpointException(msg, failures)`` too, so code
+    that raises DCP's exception itself keeps working with distcp's name.
+    """
+
+    def __init__(
+        self, msg: object = "", failures: Mapping[int, WrappedException] | None = None
+    ) -> None:
+        super().__init__(msg)
+        self._given_failures = dict(failures or {})
 
     @property
     def failures(self) -> Mapping[int, WrappedException]:
         """Per-rank ``(exception, stack)`` pairs, as in DCP's
         ``CheckpointException.failures``; empty for an error raised by this
         process alone. :attr:`causes` has the bare exceptions."""
-        return {}
+        return getattr(self, "_given_failures", {})
 
     @property
     def causes(self) -> Mapping[int, BaseException]:

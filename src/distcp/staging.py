@@ -1,186 +1,168 @@
-"""Staging: a snapshot of the items one rank writes, in reusable host memory.
+"""DCP's staging module: the stagers ``async_save(..., async_stager=...)`` takes.
 
-``async_save`` plans the save first, then stages exactly the items of this
-rank's final plan (a replicated tensor another rank writes is not copied here),
-each through ``planner.resolve_data``, into one host **arena**; the background
-write then reads the snapshot while training changes its tensors.
+``AsyncStager`` (the protocol) and ``StagingOptions`` are torch DCP's own
+classes, so a stager written for torch works with distcp and the reverse.
 
-The arena is one allocation carved into 64-byte-aligned slots, kept and reused
-by the next save whose items fit in it, so repeated saves allocate nothing (an
-arena much larger than a save needs is replaced, so memory is not held). It
-is pinned memory when a staged tensor is on CUDA (copied asynchronously,
-synchronised once), and a ``memfd`` shared with the writer process when the
-save is persisted by one (:mod:`distcp.writer_process`).
+``DefaultStager`` and ``BlockingAsyncStager`` are distcp's. Passed to
+:func:`distcp.async_save`, a ``DefaultStager`` selects distcp's planned staging
+(only the items this rank writes, copied into one reused host arena,
+:mod:`distcp.staging_arena`) with its options:
+
+- ``use_async_staging``: the copy runs in the background and ``async_save``
+  returns an ``AsyncSaveResponse`` at once; training must wait on its
+  ``staging_completion`` before it next changes the parameters;
+- ``use_pinned_memory``: the arena is pinned when CUDA tensors are staged, and
+  with ``use_non_blocking_copy`` their device-to-host copies run on a side
+  stream;
+- ``use_shared_memory``: accepted (distcp's writer process maps its own shared
+  arena; see ``AsyncCheckpointerType.PROCESS``).
+
+Driven by anything else (torch's ``dcp.async_save``, another library), each
+stager's ``stage(state_dict)`` returns a host copy of the state dict: plain
+tensors and DTensors' local tensors copied to CPU, everything else copied.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import mmap
-import os
-from dataclasses import dataclass
+import copy
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
+from torch.distributed.tensor import DTensor
 
-from distcp import knobs
-from distcp.errors import CheckpointError
-from distcp.metadata import STATE_DICT_TYPE, Metadata, MetadataIndex
-from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from distcp.metadata import STATE_DICT_TYPE
 
-__all__ = ["Arena", "StagedPlanner", "StagedSave", "StagingBuffers", "TensorSlot"]
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where a staged tensor lies in the arena: enough to rebuild the view in
-    another process that maps the same memory."""
-
-    offset: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
-
-    def view(self, arena: torch.Tensor) -> torch.Tensor:
-        return arena[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+__all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager", "StagingOptions"]
 
 
-@dataclass
-class StagedSave:
-    """One save's snapshot: tensor items as slots of the arena, values as bytes."""
+class DefaultStager(AsyncStager):
+    """Stages a state dict into host memory, in the background by default."""
 
-    slots: dict[MetadataIndex, TensorSlot]
-    values: dict[MetadataIndex, bytes]
+    def __init__(self, config: StagingOptions = StagingOptions()) -> None:  # noqa: B008 - DCP's default
+        self.config = config
+        self._executor: ThreadPoolExecutor | None = None
+        self._synchronize_after_execute = not config.use_async_staging
 
+    def stage(self, state_dict: STATE_DICT_TYPE, **_: Any) -> Future[Any] | STATE_DICT_TYPE:
+        """A host copy of ``state_dict``: a future of it with
+        ``use_async_staging``, else the copy itself."""
+        pin = self.config.use_pinned_memory and torch.cuda.is_available()
+        if not self.config.use_async_staging:
+            copied: STATE_DICT_TYPE = host_copy(state_dict, pin_memory=pin)
+            return copied
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="distcp-stage")
+        return self._executor.submit(host_copy, state_dict, pin_memory=pin)
 
-class Arena:
-    """One block of host memory: plain, pinned, or a shareable ``memfd``."""
-
-    def __init__(self, size: int, *, pinned: bool, shared: bool) -> None:
-        self.size, self.pinned, self.shared = size, pinned, shared
-        self.fd: int | None = None
-        self._mapping: mmap.mmap | None = None
-        if shared:
-            if not hasattr(os, "memfd_create"):
-                raise CheckpointError(
-                    "AsyncCheckpointerType.PROCESS needs memfd_create (Linux) to share the "
-                    "staged state with the writer process; use AsyncCheckpointerType.THREAD"
-                )
-            self.fd = os.memfd_create("distcp-staging", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, max(size, 1))
-            self._mapping = mmap.mmap(self.fd, max(size, 1))
-            self.memory = torch.frombuffer(self._mapping, dtype=torch.uint8)[:size]
-        else:
-            self.memory = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for here: wait on the future ``stage`` returned."""
 
     def close(self) -> None:
-        del self.memory
-        if self._mapping is not None:
-            with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
-                self._mapping.close()
-        if self.fd is not None:
-            os.close(self.fd)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
-class StagingBuffers:
-    """The arena of one async saver, reused across saves.
+class BlockingAsyncStager(AsyncStager):
+    """Stages a state dict into host memory before ``async_save`` returns.
 
     Args:
-        shared: stage into memory another process can map (for the writer process).
+        cache_staged_state_dict: keep the host copy and refill it on the next
+            call with the same structure (saves allocating it again).
+        type_check: accepted for DCP compatibility.
     """
 
-    def __init__(self, *, shared: bool = False) -> None:
-        self.shared = shared
-        self.arena: Arena | None = None
-        self.allocations = 0  # arenas ever allocated (a reuse check for tests)
-        self.staged_bytes = 0  # bytes copied by the last stage()
+    _synchronize_after_execute = False
 
-    def stage(self, plan: SavePlan, planner: SavePlanner) -> StagedSave:
-        """Copy every item of ``plan`` (as ``planner.resolve_data`` gives it) into
-        the arena, growing it first if the items do not fit."""
-        tensors: list[tuple[MetadataIndex, torch.Tensor]] = []
-        values: dict[MetadataIndex, bytes] = {}
-        for item in plan.items:
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                if isinstance(data, torch.Tensor):
-                    raise CheckpointError(
-                        f"key {item.index.fqn!r}: resolve_data returned a tensor for a BYTE_IO item"
-                    )
-                values[item.index] = bytes(data.getbuffer())
-            elif isinstance(data, torch.Tensor):
-                tensors.append((item.index, data.detach()))
-            else:
-                raise CheckpointError(
-                    f"key {item.index.fqn!r}: resolve_data returned {type(data).__name__} "
-                    "for a tensor item"
-                )
-        slots: dict[MetadataIndex, TensorSlot] = {}
-        end = 0
-        for index, tensor in tensors:
-            end += -end % knobs.CHUNK_ALIGNMENT
-            slots[index] = TensorSlot(end, tensor.dtype, tuple(tensor.shape))
-            end += slots[index].nbytes
-        on_cuda = any(tensor.is_cuda for _, tensor in tensors)
-        arena = self._arena(end, pinned=on_cuda and not self.shared)
-        for index, tensor in tensors:
-            source = tensor.resolve_conj().resolve_neg()
-            slots[index].view(arena.memory).copy_(source, non_blocking=source.is_cuda)
-        if on_cuda:
-            torch.cuda.synchronize()
-        self.staged_bytes = sum(slot.nbytes for slot in slots.values())
-        return StagedSave(slots, values)
+    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+        self.cache_staged_state_dict = cache_staged_state_dict
+        self.type_check = type_check
+        self.state_dict_cache: STATE_DICT_TYPE | None = None
 
-    def _arena(self, size: int, *, pinned: bool) -> Arena:
-        arena = self.arena
-        fits = arena is not None and size <= arena.size and arena.size <= 2 * size + (64 << 20)
-        if arena is not None and fits and (arena.pinned or not pinned):
-            return arena
-        if arena is not None:
-            arena.close()
-            self.arena = None
-        self.allocations += 1
-        self.arena = Arena(size, pinned=pinned and torch.cuda.is_available(), shared=self.shared)
-        return self.arena
+    def stage(self, state_dict: STATE_DICT_TYPE) -> STATE_DICT_TYPE:
+        if not self.cache_staged_state_dict:
+            copied: STATE_DICT_TYPE = host_copy(state_dict, pin_memory=False)
+            return copied
+        if self.state_dict_cache is not None and _refill(self.state_dict_cache, state_dict):
+            return self.state_dict_cache
+        self.state_dict_cache = host_copy(state_dict, pin_memory=torch.cuda.is_available())
+        return self.state_dict_cache
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: staging blocks."""
+
+    def close(self) -> None:
+        self.state_dict_cache = None
 
 
-class StagedPlanner(SavePlanner):
-    """Stands in for the caller's planner while a staged save is written: the
-    storage writer's ``resolve_data`` gets the snapshot, not the live state."""
-
-    def __init__(self, staged: StagedSave, arena: torch.Tensor) -> None:
-        self.staged, self.arena = staged, arena
-
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        index = write_item.index
-        if index in self.staged.values:
-            return io.BytesIO(self.staged.values[index])
-        return self.staged.slots[index].view(self.arena)
-
-    def set_up_planner(
-        self, state_dict: STATE_DICT_TYPE, storage_meta: Any = None, is_coordinator: bool = False
-    ) -> None:
-        raise _planned_already()
-
-    def create_local_plan(self) -> SavePlan:
-        raise _planned_already()
-
-    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        raise _planned_already()
-
-    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        raise _planned_already()
+def host_copy(value: Any, *, pin_memory: bool) -> Any:
+    """``value`` with every tensor copied to (pinned, if asked) host memory and
+    every container rebuilt, so later changes to the original do not show."""
+    if isinstance(value, DTensor):
+        local = _host_tensor(value.to_local(), pin_memory)
+        return DTensor.from_local(
+            local,
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
+        return _host_tensor(value, pin_memory)
+    if isinstance(value, dict):
+        return {key: host_copy(child, pin_memory=pin_memory) for key, child in value.items()}
+    if isinstance(value, list):
+        return [host_copy(child, pin_memory=pin_memory) for child in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(host_copy(child, pin_memory=pin_memory) for child in value)
+    return copy.deepcopy(value)
 
 
-def _planned_already() -> CheckpointError:
-    return CheckpointError(
-        "a staged async save was planned before staging; only resolve_data is available "
-        "while it is written"
-    )
+def _host_tensor(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    detached = tensor.detach()
+    target = torch.empty_like(detached, device="cpu", pin_memory=pin_memory and detached.is_cuda)
+    target.copy_(detached)
+    return target
+
+
+def _refill(cache: Any, value: Any) -> bool:
+    """Copy ``value``'s tensors into the cached copy when the structure and
+    every tensor's shape and dtype match; False (nothing changed) otherwise."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not _match(cache, value, pairs):
+        return False
+    for target, source in pairs:
+        target.copy_(source.detach())
+    return True
+
+
+def _match(cache: Any, value: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    if isinstance(value, DTensor):
+        if not isinstance(cache, DTensor):
+            return False
+        return _match(cache.to_local(), value.to_local(), pairs)
+    if isinstance(value, torch.Tensor):
+        same = (
+            isinstance(cache, torch.Tensor)
+            and cache.shape == value.shape
+            and cache.dtype == value.dtype
+        )
+        if same:
+            pairs.append((cache, value))
+        return same
+    if isinstance(value, dict):
+        return (
+            isinstance(cache, dict)
+            and cache.keys() == value.keys()
+            and all(_match(cache[key], value[key], pairs) for key in value)
+        )
+    if isinstance(value, (list, tuple)):
+        return (
+            type(cache) is type(value)
+            and len(cache) == len(value)
+            and all(_match(c, v, pairs) for c, v in zip(cache, value, strict=True))
+        )
+    return False  # a value of another kind: copy afresh

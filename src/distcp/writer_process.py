@@ -5,7 +5,7 @@ and kept for the next ones. It runs :func:`serve` in a fresh interpreter
 (the training script is not re-imported, CUDA and the training's threads are
 not inherited) and talks to its parent over a Unix
 socket pair. The parent stages the items this rank writes into a ``memfd``
-arena (:mod:`distcp.staging`) and passes the arena's descriptor once; each job
+arena (:mod:`distcp.staging_arena`) and passes the arena's descriptor once; each job
 then carries only the storage writer, this rank's final plan and the slots of
 the staged items. The child writes the data files (checksums and file I/O off
 the training process's GIL) and sends back the write results, or the error;
@@ -35,7 +35,7 @@ import torch
 from distcp.distributed import sendable_error
 from distcp.errors import CheckpointError
 from distcp.planner import SavePlan, WriteItem
-from distcp.staging import Arena, StagedPlanner, StagedSave
+from distcp.staging_arena import Arena, StagedPlanner, StagedSave
 from distcp.storage import StorageWriter, WriteResult, wait_future
 
 __all__ = ["WriterProcess", "serve"]

@@ -7,6 +7,16 @@ is keyed by parameter FQN and has each parameter's layout, so a checkpoint
 saved under one parallelism loads under another.
 """
 
+# DCP's type aliases (names of plain types, nothing to reimplement).
+from torch.distributed.checkpoint.state_dict import (
+    FQNS_T,
+    DictValueType,
+    ListDictValueType,
+    OptimizerStateType,
+    PrimitiveType,
+    ValueType,
+)
+
 from distcp.state_dict.api import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -19,8 +29,14 @@ from distcp.state_dict.model import IncompatibleKeys
 from distcp.state_dict.options import StateDictOptions
 
 __all__ = [
+    "FQNS_T",
+    "DictValueType",
     "IncompatibleKeys",
+    "ListDictValueType",
+    "OptimizerStateType",
+    "PrimitiveType",
     "StateDictOptions",
+    "ValueType",
     "get_model_state_dict",
     "get_optimizer_state_dict",
     "get_state_dict",

@@ -12,12 +12,14 @@ Typical use, the same under every parallelism::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from distcp.state_dict.fqn import fqn_modifiers
 from distcp.state_dict.model import IncompatibleKeys, get_model_state, set_model_state
 from distcp.state_dict.optimizer import get_optimizer_state, set_optimizer_state
 from distcp.state_dict.options import StateDictOptions
@@ -32,8 +34,22 @@ __all__ = [
 ]
 
 Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _with_fqn_modifiers(function: F) -> F:
+    """Run ``function`` with its ``options.dsd_fqn_modifiers`` in force."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("options") or StateDictOptions()
+        with fqn_modifiers(options.dsd_fqn_modifiers):
+            return function(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+@_with_fqn_modifiers
 def get_model_state_dict(
     model: nn.Module,
     *,
@@ -51,6 +67,7 @@ def get_model_state_dict(
     return get_model_state(model, submodules, options or StateDictOptions())
 
 
+@_with_fqn_modifiers
 def get_optimizer_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -69,6 +86,7 @@ def get_optimizer_state_dict(
     return get_optimizer_state(model, _as_list(optimizers), submodules, options)
 
 
+@_with_fqn_modifiers
 def get_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -84,6 +102,7 @@ def get_state_dict(
     )
 
 
+@_with_fqn_modifiers
 def set_model_state_dict(
     model: nn.Module,
     model_state_dict: dict[str, Any],
@@ -102,6 +121,7 @@ def set_model_state_dict(
     return set_model_state(model, model_state_dict, options or StateDictOptions())
 
 
+@_with_fqn_modifiers
 def set_optimizer_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -119,6 +139,7 @@ def set_optimizer_state_dict(
     set_optimizer_state(model, _as_list(optimizers), optim_state_dict, options)
 
 
+@_with_fqn_modifiers
 def set_state_dict(
     model: nn.Module,
     optimizers: Optimizers,

@@ -9,7 +9,9 @@ parallelism, so a checkpoint saved under one loads under another.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from torch import nn
 __all__ = [
     "clean_fqn",
     "clean_named_parameters",
+    "fqn_modifiers",
     "parameter_fqns",
     "submodule_prefixes",
     "under_prefixes",
@@ -26,9 +29,31 @@ __all__ = [
 _WRAPPER_CHILDREN = frozenset({"_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module"})
 
 
+# The name of the module method that lists a module's own hidden children
+# (``StateDictOptions.dsd_fqn_modifiers``; DCP's default name).
+_modifiers_method: ContextVar[str] = ContextVar("dsd_fqn_modifiers", default="_fqn_modifiers")
+
+
+@contextlib.contextmanager
+def fqn_modifiers(method_name: str) -> Iterator[None]:
+    """Within the block, a module whose ``method_name()`` returns
+    ``{name: hidden_attribute}`` has ``hidden_attribute`` left out of FQNs
+    (DCP's ``StateDictOptions(dsd_fqn_modifiers=...)``)."""
+    token = _modifiers_method.set(method_name)
+    try:
+        yield
+    finally:
+        _modifiers_method.reset(token)
+
+
 def _is_wrapper_child(parent: nn.Module | None, name: str) -> bool:
     if name in _WRAPPER_CHILDREN:
         return True
+    modifiers = getattr(parent, _modifiers_method.get(), None)
+    if callable(modifiers):
+        hidden = modifiers()
+        if isinstance(hidden, dict) and name in hidden.values():
+            return True
     return name == "module" and isinstance(
         parent, (nn.parallel.DistributedDataParallel, nn.DataParallel)
     )

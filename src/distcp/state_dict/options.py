@@ -31,6 +31,9 @@ class StateDictOptions:
         flatten_optimizer_state_dict: the optimizer state dict is one flat
             mapping, ``state.<fqn>.<name>`` and ``param_groups.<fqn>.<name>``,
             instead of ``{"state": ..., "param_groups": [...]}``.
+        dsd_fqn_modifiers: the name of the module method (DCP's default
+            ``_fqn_modifiers``) that returns ``{name: hidden_attribute}``: such
+            hidden children are left out of FQNs, as wrapper prefixes are.
     """
 
     full_state_dict: bool = False
@@ -40,6 +43,7 @@ class StateDictOptions:
     strict: bool = True
     broadcast_from_rank0: bool = False
     flatten_optimizer_state_dict: bool = False
+    dsd_fqn_modifiers: str = "_fqn_modifiers"
 
     def __post_init__(self) -> None:
         if self.broadcast_from_rank0 and not self.full_state_dict:

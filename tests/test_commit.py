@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distcp
-from distcp.filesystem.layout import METADATA_FILE_NAME
+from distcp.filesystem.layout import METADATA_FILE_NAME, PROBE_FILE_NAME
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -43,7 +43,9 @@ def test_overwrite_replaces_and_removes_superseded_files(tmp_path: Path) -> None
     (tmp_path / "notes.txt").write_text("user file, not ours")
     distcp.save({"a": torch.full((1000,), 2.0)}, checkpoint_id=tmp_path, no_dist=True)
     second = {p.name for p in tmp_path.iterdir()}
-    assert not (first - {METADATA_FILE_NAME}) & second, "old data files must be removed"
+    assert not (first - {METADATA_FILE_NAME, PROBE_FILE_NAME}) & second, (
+        "old data files must be removed"
+    )
     assert "notes.txt" in second
     target = {"a": torch.zeros(1000)}
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True)

@@ -257,8 +257,9 @@ def test_converter_errors(tmp_path: Path) -> None:
 
     with pytest.raises(distcp.CheckpointError, match="itself"):
         convert_to_distcp(tmp_path / "src", tmp_path / "src", overwrite=True)
-    (tmp_path / "torch_dst").mkdir()
-    (tmp_path / "torch_dst" / ".metadata").write_bytes(b"")
+    from torch.distributed.checkpoint.state_dict_saver import save as torch_dcp_save
+
+    torch_dcp_save({"x": torch.ones(1)}, checkpoint_id=tmp_path / "torch_dst", no_dist=True)
     with pytest.raises(distcp.CheckpointExistsError, match="torch DCP"):
         convert_to_distcp(tmp_path / "src", tmp_path / "torch_dst", overwrite=True)
     (tmp_path / "a_file").write_bytes(b"")

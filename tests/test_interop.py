@@ -127,10 +127,14 @@ def test_dtensors_on_two_ranks_round_trip_the_same_in_both_libraries(
     assert rank_pool(2).run(dtensors_both_ways, str(tmp_path)) == [[[], []], [[], []]]
 
 
-def test_a_torch_dcp_checkpoint_is_refused_with_a_hint(tmp_path: Path) -> None:
-    torch_dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path), no_dist=True)
-    with pytest.raises(distcp.IncompleteCheckpointError, match="load it with torch DCP"):
-        distcp.load({"w": torch.zeros(2)}, checkpoint_id=tmp_path, no_dist=True)
+def test_a_torch_dcp_checkpoint_loads_in_place_with_distcp(tmp_path: Path) -> None:
+    saved = plain_state(fill=True)
+    torch_dcp.save(saved, checkpoint_id=str(tmp_path), no_dist=True)
+    fresh = plain_state(fill=False)
+    destination = fresh["float32"]
+    distcp.load(fresh, checkpoint_id=tmp_path, no_dist=True)
+    assert differences(fresh, saved) == []
+    assert fresh["float32"] is destination
 
 
 # --- DCP's own test and tutorial code, unchanged but for the import ------------------------------

@@ -383,7 +383,15 @@ def _load_paused(
     def local_plan() -> LoadPlan:
         metadata, use_collectives = read_metadata(reader, ranks.rank)
         planner.set_up_planner(resolved, metadata, ranks.is_coordinator)
-        if accepts_parameter(reader.set_up_storage_reader, "rank"):
+        if isinstance(reader, FileSystemReader):  # distcp.load verifies split blocks jointly
+            reader.set_up_storage_reader(
+                metadata,
+                ranks.is_coordinator,
+                rank=ranks.rank,
+                use_collectives=use_collectives,
+                joint_verification=True,
+            )
+        elif accepts_parameter(reader.set_up_storage_reader, "rank"):
             reader.set_up_storage_reader(
                 metadata, ranks.is_coordinator, rank=ranks.rank, use_collectives=use_collectives
             )

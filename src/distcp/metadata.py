@@ -47,10 +47,12 @@ STATE_DICT_TYPE: TypeAlias = dict[str, Any]
 @dataclass(frozen=True)
 class StorageInfo:
     """Where one saved item's bytes are: a file inside the checkpoint, a byte
-    range in it, and the crc32c of each ``checksum_block_size`` block of it."""
+    range in it, the crc32c of each ``checksum_block_size`` block of it, and
+    the codec the stored bytes are in (None: the raw bytes; ``"zstd"``)."""
 
     relative_path: str
     offset: int
     length: int
     checksums: tuple[int, ...]
     checksum_block_size: int
+    codec: str | None = None

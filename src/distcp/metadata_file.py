@@ -27,6 +27,7 @@ import crc32c
 import msgpack
 import torch
 
+from distcp.codecs import CODECS
 from distcp.dtypes import dtype_from_name, dtype_name
 from distcp.errors import CheckpointError, CheckpointFormatError
 from distcp.geometry import Box, find_overlap
@@ -80,12 +81,15 @@ def encode_metadata(metadata: Metadata, *, save_id: str, world_size: int) -> byt
         if file_number == len(file_sizes):
             file_sizes.append(0)
         file_sizes[file_number] = max(file_sizes[file_number], info.offset + info.length)
-        return {
+        where = {
             "file": file_number,
             "offset": info.offset,
             "length": info.length,
             "crc32c": list(info.checksums),
         }
+        if info.codec is not None:
+            where["codec"] = info.codec
+        return where
 
     entries: list[dict[str, Any]] = []
     for key, entry in metadata.state_dict_metadata.items():
@@ -237,7 +241,12 @@ class _MetadataDecoder:
                 )
             if any(c >= 1 << 32 for c in checksums):
                 raise self.fail(f"{where}: crc32c values must be 32-bit unsigned integers")
-            return StorageInfo(name, offset, length, tuple(checksums), block_size)
+            codec = record.get("codec") if isinstance(record, dict) else None
+            if codec is not None and codec not in CODECS:
+                raise self.fail(
+                    f"{where}: unknown codec {codec!r} (this distcp knows {sorted(CODECS)})"
+                )
+            return StorageInfo(name, offset, length, tuple(checksums), block_size, codec)
 
         for n, record in enumerate(self.get(body, "entries", list, "metadata")):
             key = self.get(record, "key", str, f"entries[{n}]")
@@ -263,7 +272,7 @@ class _MetadataDecoder:
                 if MetadataIndex(key, offsets) in storage:
                     raise self.fail(f"{chunk_where}: another chunk has the same offsets {offsets}")
                 info = place(chunk, chunk_where)
-                if info.length != box.numel * dtype.itemsize:
+                if info.codec is None and info.length != box.numel * dtype.itemsize:
                     raise self.fail(
                         f"{chunk_where}: {info.length} bytes stored, but "
                         f"{box.numel} × {dtype} needs {box.numel * dtype.itemsize}"

@@ -51,12 +51,10 @@ from distcp.planner import (
 )
 from distcp.save_planner import DefaultSavePlanner
 from distcp.storage import StorageReader, wait_future
+from distcp.torch_dcp import is_torch_dcp_checkpoint
 from distcp.value_codec import encode_value
 
 __all__ = ["SourceReadingSavePlanner", "convert_to_distcp"]
-
-#: torch DCP's metadata file: its presence marks a torch DCP checkpoint.
-_TORCH_DCP_METADATA = ".metadata"
 
 
 def convert_to_distcp(
@@ -93,9 +91,9 @@ def _check_destination(source: Path, destination: Path, overwrite: bool) -> None
         )
     if destination.exists() and not destination.is_dir():
         raise CheckpointExistsError(f"{destination} exists and is not a directory")
-    if (destination / _TORCH_DCP_METADATA).exists():
+    if is_torch_dcp_checkpoint(destination) and not (destination / METADATA_FILE_NAME).exists():
         raise CheckpointExistsError(
-            f"{destination} holds a torch DCP checkpoint ({_TORCH_DCP_METADATA}); distcp "
+            f"{destination} holds a torch DCP checkpoint (.metadata); distcp "
             "replaces only its own checkpoints: remove it or choose another directory"
         )
     if not overwrite and (destination / METADATA_FILE_NAME).exists():

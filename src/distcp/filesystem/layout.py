@@ -4,6 +4,15 @@ A checkpoint directory holds data files named ``data-<save_id>-<rank>-<n>.distcp
 and one metadata file, ``.metadata.distcp``, whose presence is what makes the
 checkpoint exist. Data file names are unique to a save, so a save never
 modifies the files of the checkpoint it replaces.
+
+After the commit, a small text file ``.metadata`` is written too: tools that
+find complete checkpoints by probing ``<dir>/.metadata`` (torchtitan's
+checkpoint manager and others written for torch DCP) then find distcp's, and
+never an incomplete one. It starts with ``#``, so torch DCP's ``pickle.load``
+of it fails at once ("invalid load key") without unpickling anything.
+
+A rank-local save (``use_collectives=False``) commits each rank's own metadata
+as ``__<rank>.metadata.distcp``, as torch DCP names its rank-local metadata.
 """
 
 from __future__ import annotations
@@ -15,18 +24,33 @@ from pathlib import Path
 
 __all__ = [
     "METADATA_FILE_NAME",
+    "PROBE_FILE_NAME",
+    "PROBE_TEXT",
     "data_file_name",
     "fsync_directory",
     "is_data_file_name",
     "is_temporary_metadata_name",
+    "metadata_file_name",
     "new_save_id",
     "temporary_metadata_name",
     "write_atomically",
 ]
 
 METADATA_FILE_NAME = ".metadata.distcp"
+PROBE_FILE_NAME = ".metadata"
+PROBE_TEXT = (
+    b"# distcp checkpoint: its metadata is in .metadata.distcp; load it with distcp\n"
+    b"# (import distcp as dcp), which also reads torch DCP checkpoints.\n"
+)
 _DATA_FILE = re.compile(r"data-[0-9a-f]{16}-\d{5,}-\d{3,}\.distcp")
-_TEMPORARY_METADATA = re.compile(re.escape(METADATA_FILE_NAME) + r"\.tmp-[0-9a-f]{16}")
+_TEMPORARY_METADATA = re.compile(
+    r"(__\d+)?" + re.escape(METADATA_FILE_NAME) + r"\.tmp-[0-9a-f]{16}|\.metadata\.tmp-[0-9a-f]{16}"
+)
+
+
+def metadata_file_name(rank: int | None = None) -> str:
+    """The committed metadata's name: the global one, or ``rank``'s own."""
+    return METADATA_FILE_NAME if rank is None else f"__{rank}{METADATA_FILE_NAME}"
 
 
 def new_save_id() -> str:
@@ -42,8 +66,8 @@ def is_data_file_name(name: str) -> bool:
     return bool(_DATA_FILE.fullmatch(name))
 
 
-def temporary_metadata_name(save_id: str) -> str:
-    return f"{METADATA_FILE_NAME}.tmp-{save_id}"
+def temporary_metadata_name(save_id: str, final_name: str = METADATA_FILE_NAME) -> str:
+    return f"{final_name}.tmp-{save_id}"
 
 
 def is_temporary_metadata_name(name: str) -> bool:

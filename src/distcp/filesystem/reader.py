@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from distcp import knobs
+from distcp.codecs import decompress
 from distcp.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -39,14 +40,21 @@ from distcp.filesystem.block_verification import (
 )
 from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
 from distcp.filesystem.file_mappings import FileMappings, OpenFile
-from distcp.filesystem.layout import METADATA_FILE_NAME
+from distcp.filesystem.layout import METADATA_FILE_NAME, metadata_file_name, new_save_id
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
 from distcp.geometry import Box
-from distcp.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from distcp.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from distcp.metadata_file import decode_metadata
 from distcp.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from distcp.storage import StorageReader, done_future
+from distcp.torch_dcp import TorchDcpCheckpoint, is_torch_dcp_checkpoint
 
 __all__ = ["FileSystemReader", "LoadReport"]
 
@@ -70,12 +78,16 @@ class FileSystemReader(StorageReader):
     def __init__(
         self,
         path: str | os.PathLike[str],
+        _extension_registry: Any = None,
         *,
         thread_count: int = knobs.DEFAULT_THREAD_COUNT,
         verify_checksums: bool = True,
-        **_ignored: Any,
     ) -> None:
         require_little_endian()
+        # DCP's registry of stream transforms: distcp's metadata names each
+        # chunk's codec itself (distcp.codecs), so the registry is not needed.
+        self._extension_registry = _extension_registry
+        self.load_id = new_save_id()
         self.path = Path(path)
         self.thread_count = max(1, thread_count)
         self.verify_checksums = verify_checksums
@@ -83,13 +95,17 @@ class FileSystemReader(StorageReader):
         self.report = LoadReport()
         self._file_sizes: dict[str, int] = {}
         self._masked: dict[BlockKey, int] = {}
+        self._torch_dcp: TorchDcpCheckpoint | None = None  # set when the path is torch DCP's
+        self._joint_verification = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.path = Path(checkpoint_id)
+        self.load_id = new_save_id()
         self.metadata = None
         self.report = LoadReport()
         self._masked = {}
+        self._torch_dcp = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -98,33 +114,53 @@ class FileSystemReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if not self.path.exists():
             raise CheckpointNotFoundError(f"no checkpoint at {self.path}: the path does not exist")
-        metadata_path = self.path / METADATA_FILE_NAME
+        rank = kwargs.get("rank")
+        metadata_path = self.path / metadata_file_name(rank)
+        self._torch_dcp = None
         if not metadata_path.is_file():
             if not self.path.is_dir():
                 raise CheckpointNotFoundError(f"{self.path} is not a checkpoint directory")
-            hint = ""
-            if (self.path / ".metadata").is_file():
-                hint = " It holds a torch DCP '.metadata' file: load it with torch DCP."
+            # --- a checkpoint written by torch DCP: distcp.torch_dcp reads it ---
+            if is_torch_dcp_checkpoint(self.path):
+                self._torch_dcp = TorchDcpCheckpoint(self.path, thread_count=self.thread_count)
+                self.metadata = self._torch_dcp.metadata
+                return self.metadata
             raise IncompleteCheckpointError(
                 f"{self.path} holds no committed checkpoint ({METADATA_FILE_NAME} is missing): "
-                f"a save into it did not finish, so its data files are not loadable.{hint}"
+                "a save into it did not finish, so its data files are not loadable."
             )
         metadata, self._file_sizes = decode_metadata(
             metadata_path.read_bytes(), source=str(metadata_path)
         )
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
         self.metadata = metadata
         return metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
+        """``joint_verification=True`` (only ``distcp.load`` passes it, and then
+        calls :meth:`verify_split_blocks` after reading) lets ranks share the
+        checksum work of blocks a resharding load splits between them. Driven
+        by anything else (torch's ``dcp.load``), each rank reads every block it
+        needs part of whole and verifies it alone, so no byte goes unverified."""
         self.metadata = metadata
+        self._joint_verification = bool(kwargs.get("joint_verification", False)) and bool(
+            kwargs.get("use_collectives", True)
+        )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        if self.metadata is None or not self.verify_checksums:
+        if (
+            self.metadata is None
+            or not self.verify_checksums
+            or self._torch_dcp is not None
+            or not self._joint_verification
+        ):
             return plans
         verification = plan_block_verification(plans, self.metadata)
         return [
@@ -136,6 +172,8 @@ class FileSystemReader(StorageReader):
             raise CheckpointFormatError("read_data called before read_metadata")
         self.report = LoadReport()
         self._masked = {}
+        if self._torch_dcp is not None:  # torch DCP's format: no checksums, no split blocks
+            return self._torch_dcp.read_data(plan, planner, self.report)
         storage: dict[MetadataIndex, StorageInfo] = self.metadata.storage_data
         by_item: dict[MetadataIndex, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
@@ -203,6 +241,8 @@ class FileSystemReader(StorageReader):
         :meth:`masked_checksums`; raises :class:`CorruptCheckpointError`."""
         if self.metadata is None:
             raise CheckpointFormatError("verify_split_blocks called before read_metadata")
+        if self._torch_dcp is not None:
+            return  # torch DCP's format has no checksum blocks
         verify_masked_crcs(contributions, self.metadata.storage_data, str(self.path))
         self.report.settle()
 
@@ -250,6 +290,11 @@ class FileSystemReader(StorageReader):
         entry = self.metadata.state_dict_metadata[index.fqn]
         assert isinstance(entry, TensorStorageMetadata) and index.offset is not None
         chunk = next(c for c in entry.chunks if tuple(c.offsets) == index.offset)
+        if info.codec is not None:
+            self._read_compressed(
+                mappings, index, info, entry, tuple(chunk.sizes), items, planner, lock
+            )
+            return {}
         targets = []
         contributors = verification.contributes  # empty unless the load reshards
         for item in items:
@@ -273,6 +318,53 @@ class FileSystemReader(StorageReader):
             with lock:
                 planner.commit_tensor(item, target.dest)
         return masked
+
+    def _read_compressed(
+        self,
+        mappings: FileMappings,
+        index: MetadataIndex,
+        info: StorageInfo,
+        entry: TensorStorageMetadata,
+        sizes: tuple[int, ...],
+        items: list[ReadItem],
+        planner: LoadPlanner,
+        lock: threading.Lock,
+    ) -> None:
+        """A zstd chunk: read whole, verify its stored bytes, decompress, then
+        copy each needed region out (:mod:`distcp.codecs`)."""
+        stored = bytearray(info.length)
+        mappings.get(info.relative_path).read_into(memoryview(stored), info.offset)
+        path = str(self.path / info.relative_path)
+        if self.verify_checksums:
+            bad = checksum_mismatch(memoryview(stored), 0, info.checksums, info.checksum_block_size)
+            if bad is not None:
+                raise checksum_error(path, index, info, bad, detail=" (a zstd chunk)")
+        dtype = entry.properties.dtype
+        numel = 1
+        for size in sizes:
+            numel *= size
+        raw = decompress(stored, numel * dtype.itemsize, file=path, offset=info.offset)
+        whole = (
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(sizes)
+            if numel
+            else torch.empty(sizes, dtype=dtype)
+        )
+        needed = 0
+        for item in items:
+            source = whole
+            for dim, (offset, length) in enumerate(
+                zip(item.storage_offsets, item.lengths, strict=True)
+            ):
+                source = source.narrow(dim, offset, length)
+            with lock:
+                dest = planner.resolve_tensor(item)
+            dest.copy_(source)
+            needed += source.numel() * dtype.itemsize
+            with lock:
+                planner.commit_tensor(item, dest)
+        self.report.add(needed=needed, read=info.length, items=len(items))
+        if self.verify_checksums:
+            self.report.add(verified=info.length)
 
     def _read_value(
         self,

@@ -3,22 +3,33 @@ commits the checkpoint atomically (DESIGN §4)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 from distcp import knobs
-from distcp.errors import CheckpointError, CheckpointExistsError
+from distcp.codecs import codec_for_extensions, compress
+from distcp.errors import (
+    CheckpointArgumentError,
+    CheckpointError,
+    CheckpointExistsError,
+    UnsupportedStorageError,
+)
 from distcp.filesystem.device_copies import PinnedStager, StagedItem
 from distcp.filesystem.layout import (
-    METADATA_FILE_NAME,
+    PROBE_FILE_NAME,
+    PROBE_TEXT,
     data_file_name,
     is_data_file_name,
     is_temporary_metadata_name,
+    metadata_file_name,
     new_save_id,
     temporary_metadata_name,
     write_atomically,
@@ -31,6 +42,8 @@ from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType, item
 from distcp.storage import StorageWriter, WriteResult, done_future
 
 __all__ = ["FileSystemWriter"]
+
+log = logging.getLogger("distcp")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,9 @@ class RankFiles:
 class FileSystemWriter(StorageWriter):
     """Writes a checkpoint into a directory on a (shared) file system.
 
+    The parameters are torch DCP's, in DCP's order, plus distcp's keyword-only
+    ones; an unknown keyword raises ``TypeError``.
+
     Args:
         path: the checkpoint directory; created if missing.
         single_file_per_rank: one data file per writer thread (True) or one per item.
@@ -52,8 +68,15 @@ class FileSystemWriter(StorageWriter):
         thread_count: writer threads per rank.
         per_thread_copy_ahead: accepted for DCP compatibility; each thread
             stages device tensors one item ahead through two pinned buffers.
+        cache_staged_state_dict: accepted for DCP compatibility: ``async_save``
+            always reuses its staging arena.
         overwrite: replace a committed checkpoint at ``path``; with False, a save
             into a committed checkpoint raises :class:`CheckpointExistsError`.
+        _extensions: DCP's stream transforms; see :mod:`distcp.codecs`.
+        serialization_format: DCP's choice between ``torch.save`` and
+            safetensors framing of each tensor. distcp writes raw bytes either
+            way; only the default is accepted, ``SAFETENSORS`` raises naming
+            the storage that writes safetensors files.
         checksum_block_size: bytes covered by each crc32c checksum.
     """
 
@@ -66,24 +89,36 @@ class FileSystemWriter(StorageWriter):
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
         overwrite: bool = True,
+        _extensions: Sequence[Any] | None = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
         *,
         checksum_block_size: int = knobs.CHECKSUM_BLOCK_SIZE,
-        **_ignored: Any,
     ) -> None:
         if thread_count < 1:
-            raise ValueError(f"thread_count must be at least 1, got {thread_count}")
+            raise CheckpointArgumentError(f"thread_count must be at least 1, got {thread_count}")
         if checksum_block_size < 1:
-            raise ValueError(f"checksum_block_size must be positive, got {checksum_block_size}")
+            raise CheckpointArgumentError(
+                f"checksum_block_size must be positive, got {checksum_block_size}"
+            )
+        if serialization_format != SerializationFormat.TORCH_SAVE:
+            raise UnsupportedStorageError(
+                f"FileSystemWriter(serialization_format={serialization_format}): distcp's "
+                "format stores raw tensor bytes, not safetensors framing. To write safetensors "
+                "files pass storage_writer=distcp.HuggingFaceStorageWriter(path) (torch's)"
+            )
         require_little_endian()
         self.path = Path(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
         self.thread_count = thread_count
         self.per_thread_copy_ahead = per_thread_copy_ahead
+        self.cache_staged_state_dict = cache_staged_state_dict
         self.overwrite = overwrite
+        self.codec = codec_for_extensions(_extensions)
         self.checksum_block_size = checksum_block_size
         self.rank = 0
         self.is_coordinator = False
+        self.use_collectives = True
         self.save_id: str | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -101,18 +136,29 @@ class FileSystemWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0))
-        if is_coordinator and not self.overwrite and (self.path / METADATA_FILE_NAME).exists():
+        self.use_collectives = bool(kwargs.get("use_collectives", True))
+        committing = is_coordinator or not self.use_collectives
+        metadata = self.path / self._metadata_name()
+        if committing and not self.overwrite and metadata.exists():
             raise CheckpointExistsError(
-                f"a committed checkpoint exists at {self.path} and overwrite=False; choose "
-                "another path or pass FileSystemWriter(path, overwrite=True)"
+                f"Checkpoint already exists at {self.path} ({metadata.name}) and "
+                "overwrite=False; choose another path or pass FileSystemWriter(path, "
+                "overwrite=True)"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def _metadata_name(self) -> str:
+        return metadata_file_name(None if self.use_collectives else self.rank)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self.save_id = new_save_id()
+        if not self.use_collectives:  # this rank's own plan, alone
+            return [
+                replace(plan, storage_data=RankFiles(self.save_id, self.rank)) for plan in plans
+            ]
         return [
             replace(plan, storage_data=RankFiles(self.save_id, rank))
             for rank, plan in enumerate(plans)
@@ -141,14 +187,30 @@ class FileSystemWriter(StorageWriter):
         metadata.storage_data = storage_data
         save_id = self.save_id or new_save_id()
         payload = encode_metadata(metadata, save_id=save_id, world_size=len(results))
+        name = self._metadata_name()
         write_atomically(
-            self.path / METADATA_FILE_NAME,
-            payload,
-            temporary_metadata_name(save_id),
-            sync=self.sync_files,
+            self.path / name, payload, temporary_metadata_name(save_id, name), sync=self.sync_files
         )
+        # Committed. What follows tidies up; a failure in it must not report the
+        # save as failed (the new checkpoint is in place).
+        try:
+            write_atomically(
+                self.path / PROBE_FILE_NAME,
+                PROBE_TEXT,
+                temporary_metadata_name(save_id, PROBE_FILE_NAME),
+                sync=self.sync_files,
+            )
+        except OSError as error:
+            log.warning(
+                "distcp: committed %s but could not write its .metadata: %s", self.path, error
+            )
         referenced = {info.relative_path for info in storage_data.values()}
-        self._remove_superseded(referenced)
+        try:
+            self._remove_superseded(referenced)
+        except OSError as error:
+            log.warning(
+                "distcp: committed %s; removing superseded files failed: %s", self.path, error
+            )
 
     def _buckets(self, items: list[WriteItem]) -> list[list[WriteItem]]:
         """Split items over files: per item, or over one file per thread with
@@ -180,14 +242,20 @@ class FileSystemWriter(StorageWriter):
                     upcoming.append(_item_data(items[n + 1], planner, stager))
                 data = upcoming.pop(0).ready()
                 _check_size(item, data)
+                codec = self.codec if item.type != WriteItemType.BYTE_IO else None
+                if codec is not None:
+                    data = memoryview(compress(data))
                 padding = -position % knobs.CHUNK_ALIGNMENT
                 if padding:
                     file.write(bytes(padding))
                     position += padding
                 file.write(data)
-                info = StorageInfo(name, position, len(data), block_checksums(data, block), block)
+                info = StorageInfo(
+                    name, position, len(data), block_checksums(data, block), block, codec
+                )
                 results.append(WriteResult(item.index, len(data), info))
                 position += len(data)
+                del data  # written: do not hold its bytes while the next item is resolved
                 if self.sync_files and position - started >= knobs.WRITEBACK_EVERY:
                     file.flush()
                     start_writeback(file.fileno(), started, position - started)
@@ -199,9 +267,14 @@ class FileSystemWriter(StorageWriter):
 
     def _remove_superseded(self, referenced: set[str]) -> None:
         """After a commit, delete data files no committed metadata references
-        (earlier saves, failed saves) and temporary metadata of crashed saves."""
+        (earlier saves, failed saves) and temporary metadata of crashed saves.
+        A rank-local commit removes only its own rank's data files: the other
+        ranks' metadata still references theirs."""
+        own = f"-{self.rank:05d}-"
         for entry in os.scandir(self.path):
             stale_data = is_data_file_name(entry.name) and entry.name not in referenced
+            if stale_data and not self.use_collectives and own not in entry.name:
+                continue
             if stale_data or is_temporary_metadata_name(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
 

@@ -5,6 +5,7 @@ makes the decoder raise anything but a CheckpointError or run code."""
 from __future__ import annotations
 
 import collections
+import io
 import math
 import os
 import random
@@ -13,7 +14,7 @@ import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import distcp
 from distcp.dtypes import dtype_name, supported_dtypes
 from distcp.errors import (
     CheckpointFormatError,
@@ -558,7 +560,7 @@ NDARRAY_OK = ["<f4", [2], b"\x00" * 8]
 
 MALFORMED: dict[str, object] = {
     "unknown ext 0": ext(0, b""),
-    "unknown ext 14": ext(14, b""),
+    "unknown ext 15": ext(15, b""),
     "unknown ext 127": ext(127, b"x"),
     "negative ext": raw_ext(-5, b""),
     "timestamp": raw_ext(-1, b"\x00\x00\x00\x01"),
@@ -643,3 +645,18 @@ def test_deep_extension_nesting_is_a_format_error() -> None:
         tree = ext(EXT_TUPLE, [tree])
     with pytest.raises(CheckpointFormatError, match="nested more than"):
         decode_value(pack(tree), key="k")
+
+
+def test_bytes_io_round_trips_as_a_fresh_buffer_at_position_zero(tmp_path: Path) -> None:
+    """torchtitan's TrainState saves BytesIO values; DCP keeps the whole buffer."""
+    buffer = io.BytesIO(b"step=42")
+    buffer.seek(3)  # not at the start: the whole buffer is saved anyway
+    saved = {"train_state": {"step": buffer, "more": [io.BytesIO(b"")]}}
+    distcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
+    fresh: dict[str, Any] = {"train_state": {"step": None, "more": None}}
+    distcp.load(fresh, checkpoint_id=tmp_path, no_dist=True)
+    step = fresh["train_state"]["step"]
+    assert type(step) is io.BytesIO and step.tell() == 0 and step.read() == b"step=42"
+    (empty,) = fresh["train_state"]["more"]
+    assert type(empty) is io.BytesIO and empty.getvalue() == b""
+    assert buffer.tell() == 3  # saving did not move the caller's buffer

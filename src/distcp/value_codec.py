@@ -49,8 +49,9 @@ rules, so extension types nest::
                             bytes]; read back as that dtype's scalar type
     13    pickled value     array [type name: str, pickle: bin]; the type name
                             ("module.QualName") is for messages only
+    14    io.BytesIO        its whole buffer (getvalue()); read back at position 0
 
-Codes 0 and 14-127 are unassigned, and msgpack's own negative codes (the
+Codes 0 and 15-127 are unassigned, and msgpack's own negative codes (the
 timestamp, -1) are not used: a reader rejects them. A reader also rejects any
 payload that does not match its layout, a dict whose keys decode to an unhashable
 or repeated value, bytes after the document, and nesting deeper than
@@ -65,6 +66,7 @@ anything.
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from collections.abc import Iterable
@@ -85,6 +87,7 @@ from distcp.errors import (
 __all__ = [
     "EXT_BIGINT",
     "EXT_BYTEARRAY",
+    "EXT_BYTES_IO",
     "EXT_COMPLEX",
     "EXT_FROZENSET",
     "EXT_NUMPY_ARRAY",
@@ -114,6 +117,7 @@ EXT_TORCH_TENSOR: Final = 10
 EXT_NUMPY_ARRAY: Final = 11
 EXT_NUMPY_SCALAR: Final = 12
 EXT_PICKLE: Final = 13
+EXT_BYTES_IO: Final = 14
 
 MAX_DEPTH: Final = 128
 """Deepest nesting of containers a value may have, so that neither side can be driven
@@ -134,7 +138,7 @@ _NUMPY_DTYPES: Final = frozenset(
 _TORCH_DTYPES: Final = frozenset(supported_dtypes())
 
 _SUPPORTED_TYPES: Final = (
-    "None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, "
+    "None, bool, int, float, complex, str, bytes, bytearray, io.BytesIO, list, tuple, dict, set, "
     "frozenset, torch.Tensor, torch.Size, torch.dtype, torch.device, numpy arrays and "
     "scalars of bool/int/uint/float/complex dtypes"
 )
@@ -218,6 +222,8 @@ class _Encoder:
             return msgpack.ExtType(EXT_COMPLEX, struct.pack("<dd", obj.real, obj.imag))
         if type(obj) is bytearray:
             return msgpack.ExtType(EXT_BYTEARRAY, bytes(obj))
+        if type(obj) is io.BytesIO:  # its whole buffer, as torch.save keeps it
+            return msgpack.ExtType(EXT_BYTES_IO, obj.getvalue())
         if type(obj) is torch.Size:
             return msgpack.ExtType(EXT_TORCH_SIZE, _pack(list(obj)))
         if isinstance(obj, torch.dtype):
@@ -390,6 +396,8 @@ class _Decoder:
             return complex(real, imag)
         if code == EXT_BYTEARRAY:
             return bytearray(payload)
+        if code == EXT_BYTES_IO:
+            return io.BytesIO(payload)  # a fresh buffer, at position 0
         if code == EXT_TORCH_SIZE:
             dims = self._array(payload, path, None)
             return torch.Size([self._int(d, path, _INT64_MIN) for d in dims])

@@ -29,6 +29,9 @@ __all__ = ["FileMappings", "OpenFile"]
 _PAGE = mmap.PAGESIZE
 
 
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+
+
 class OpenFile:
     """One data file: a descriptor for ``pread`` and, once asked for, its bytes
     as a uint8 tensor over a read-only mapping."""
@@ -61,7 +64,7 @@ class OpenFile:
     def prefetch(self, start: int, end: int) -> None:
         """Ask the kernel to start reading file bytes ``[start, end)``."""
         stop = min(end, self.size)
-        if start < stop:
+        if start < stop and _HAS_FADVISE:  # absent on macOS: a hint, nothing more
             os.posix_fadvise(self.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def release(self, start: int, end: int) -> None:

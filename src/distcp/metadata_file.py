@@ -88,6 +88,15 @@ def encode_metadata(metadata: Metadata, *, save_id: str, world_size: int) -> byt
             "crc32c": list(info.checksums),
         }
         if info.codec is not None:
+            if index.offset is None:
+                raise CheckpointFormatError(
+                    f"key {key!r}: a value's bytes cannot carry a codec ({info.codec!r}); "
+                    "only tensor chunks are compressed"
+                )
+            if info.codec not in CODECS:
+                raise CheckpointFormatError(
+                    f"key {key!r}: unknown codec {info.codec!r} (known: {sorted(CODECS)})"
+                )
             where["codec"] = info.codec
         return where
 
@@ -221,7 +230,7 @@ class _MetadataDecoder:
         state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         storage: dict[MetadataIndex, StorageInfo] = {}
 
-        def place(record: Any, where: str) -> StorageInfo:
+        def place(record: Any, where: str, *, chunk: bool) -> StorageInfo:
             file_number = self.get(record, "file", int, where)
             offset = self.get(record, "offset", int, where)
             length = self.get(record, "length", int, where)
@@ -241,8 +250,10 @@ class _MetadataDecoder:
                 )
             if any(c >= 1 << 32 for c in checksums):
                 raise self.fail(f"{where}: crc32c values must be 32-bit unsigned integers")
-            codec = record.get("codec") if isinstance(record, dict) else None
-            if codec is not None and codec not in CODECS:
+            codec = record.get("codec")  # optional, absent in checkpoints before it existed
+            if codec is not None and not chunk:
+                raise self.fail(f"{where}: a value cannot carry a codec ({codec!r})")
+            if codec is not None and (not isinstance(codec, str) or codec not in CODECS):
                 raise self.fail(
                     f"{where}: unknown codec {codec!r} (this distcp knows {sorted(CODECS)})"
                 )
@@ -256,7 +267,7 @@ class _MetadataDecoder:
             kind = self.get(record, "type", str, where)
             if kind == "value":
                 state[key] = BytesStorageMetadata()
-                storage[MetadataIndex(key)] = place(record, where)
+                storage[MetadataIndex(key)] = place(record, where, chunk=False)
                 continue
             if kind != "tensor":
                 raise self.fail(f"{where}: unknown entry type {kind!r}")
@@ -271,11 +282,17 @@ class _MetadataDecoder:
                 box = self._box(offsets, chunk_sizes, shape, chunk_where)
                 if MetadataIndex(key, offsets) in storage:
                     raise self.fail(f"{chunk_where}: another chunk has the same offsets {offsets}")
-                info = place(chunk, chunk_where)
-                if info.codec is None and info.length != box.numel * dtype.itemsize:
+                info = place(chunk, chunk_where, chunk=True)
+                raw_length = box.numel * dtype.itemsize
+                if info.codec is None and info.length != raw_length:
                     raise self.fail(
                         f"{chunk_where}: {info.length} bytes stored, but "
-                        f"{box.numel} × {dtype} needs {box.numel * dtype.itemsize}"
+                        f"{box.numel} × {dtype} needs {raw_length}"
+                    )
+                if info.codec is not None and info.length >= raw_length:
+                    raise self.fail(
+                        f"{chunk_where}: a {info.codec} chunk of {info.length} bytes is not "
+                        f"shorter than its {raw_length} raw bytes (writers store those raw)"
                     )
                 chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk_sizes)))
                 boxes.append(box)

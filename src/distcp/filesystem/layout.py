@@ -5,14 +5,17 @@ and one metadata file, ``.metadata.distcp``, whose presence is what makes the
 checkpoint exist. Data file names are unique to a save, so a save never
 modifies the files of the checkpoint it replaces.
 
-After the commit, a small text file ``.metadata`` is written too: tools that
-find complete checkpoints by probing ``<dir>/.metadata`` (torchtitan's
-checkpoint manager and others written for torch DCP) then find distcp's, and
-never an incomplete one. It starts with ``#``, so torch DCP's ``pickle.load``
-of it fails at once ("invalid load key") without unpickling anything.
+After the commit, a small text file ``.metadata`` (the *probe*) is written
+too: tools that find complete checkpoints by probing ``<dir>/.metadata``
+(torchtitan's checkpoint manager and others written for torch DCP) then find
+distcp's, and never an incomplete one. It starts with ``#``, so torch DCP's
+``pickle.load`` of it fails at once ("invalid load key") without unpickling
+anything. distcp's reader never opens it.
 
 A rank-local save (``use_collectives=False``) commits each rank's own metadata
-as ``__<rank>.metadata.distcp``, as torch DCP names its rank-local metadata.
+as ``__<rank>.metadata.distcp`` and its probe as ``__<rank>.metadata``, as
+torch DCP names its rank-local metadata: one rank's commit says nothing about
+the others', so a rank-local save never writes the global ``.metadata``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "is_temporary_metadata_name",
     "metadata_file_name",
     "new_save_id",
+    "probe_file_name",
     "temporary_metadata_name",
     "write_atomically",
 ]
@@ -43,14 +47,20 @@ PROBE_TEXT = (
     b"# (import distcp as dcp), which also reads torch DCP checkpoints.\n"
 )
 _DATA_FILE = re.compile(r"data-[0-9a-f]{16}-\d{5,}-\d{3,}\.distcp")
-_TEMPORARY_METADATA = re.compile(
-    r"(__\d+)?" + re.escape(METADATA_FILE_NAME) + r"\.tmp-[0-9a-f]{16}|\.metadata\.tmp-[0-9a-f]{16}"
-)
+# Temporary names of the metadata and the probe, global or a rank's own:
+# .metadata.distcp.tmp-<id>, __3.metadata.distcp.tmp-<id>, .metadata.tmp-<id>, ...
+_TEMPORARY_METADATA = re.compile(r"(?:__(\d+))?\.metadata(?:\.distcp)?\.tmp-[0-9a-f]{16}")
 
 
 def metadata_file_name(rank: int | None = None) -> str:
     """The committed metadata's name: the global one, or ``rank``'s own."""
     return METADATA_FILE_NAME if rank is None else f"__{rank}{METADATA_FILE_NAME}"
+
+
+def probe_file_name(rank: int | None = None) -> str:
+    """The probe's name: ``.metadata``, or ``__<rank>.metadata`` beside a
+    rank's own metadata (torch DCP's names for its metadata files)."""
+    return PROBE_FILE_NAME if rank is None else f"__{rank}{PROBE_FILE_NAME}"
 
 
 def new_save_id() -> str:
@@ -70,8 +80,14 @@ def temporary_metadata_name(save_id: str, final_name: str = METADATA_FILE_NAME) 
     return f"{final_name}.tmp-{save_id}"
 
 
-def is_temporary_metadata_name(name: str) -> bool:
-    return bool(_TEMPORARY_METADATA.fullmatch(name))
+def is_temporary_metadata_name(name: str, rank: int | None = None) -> bool:
+    """Whether ``name`` is a temporary metadata or probe file; with ``rank``,
+    only ``rank``'s own rank-local ones (another rank may be committing its
+    own at this moment)."""
+    match = _TEMPORARY_METADATA.fullmatch(name)
+    if match is None:
+        return False
+    return rank is None or match.group(1) == str(rank)
 
 
 def fsync_directory(path: Path) -> None:

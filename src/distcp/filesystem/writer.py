@@ -24,13 +24,13 @@ from distcp.errors import (
 )
 from distcp.filesystem.device_copies import PinnedStager, StagedItem
 from distcp.filesystem.layout import (
-    PROBE_FILE_NAME,
     PROBE_TEXT,
     data_file_name,
     is_data_file_name,
     is_temporary_metadata_name,
     metadata_file_name,
     new_save_id,
+    probe_file_name,
     temporary_metadata_name,
     write_atomically,
 )
@@ -72,7 +72,9 @@ class FileSystemWriter(StorageWriter):
             always reuses its staging arena.
         overwrite: replace a committed checkpoint at ``path``; with False, a save
             into a committed checkpoint raises :class:`CheckpointExistsError`.
-        _extensions: DCP's stream transforms; see :mod:`distcp.codecs`.
+        _extensions: DCP's stream transforms. ``[ZStandard()]`` stores each tensor
+            chunk as one zstd frame (raw where that is not smaller; values stay raw);
+            any other extension raises naming it. See :mod:`distcp.codecs`.
         serialization_format: DCP's choice between ``torch.save`` and
             safetensors framing of each tensor. distcp writes raw bytes either
             way; only the default is accepted, ``SAFETENSORS`` raises naming
@@ -191,18 +193,26 @@ class FileSystemWriter(StorageWriter):
         write_atomically(
             self.path / name, payload, temporary_metadata_name(save_id, name), sync=self.sync_files
         )
-        # Committed. What follows tidies up; a failure in it must not report the
-        # save as failed (the new checkpoint is in place).
+        # Committed. What follows is the probe and tidying up; a failure in
+        # either must not report the save as failed (the new checkpoint is in
+        # place). The probe is written only now, so it never marks an
+        # incomplete checkpoint; a failed later save leaves it and the metadata
+        # it stands for both in place.
+        probe = probe_file_name(None if self.use_collectives else self.rank)
         try:
             write_atomically(
-                self.path / PROBE_FILE_NAME,
+                self.path / probe,
                 PROBE_TEXT,
-                temporary_metadata_name(save_id, PROBE_FILE_NAME),
+                temporary_metadata_name(save_id, probe),
                 sync=self.sync_files,
             )
         except OSError as error:
             log.warning(
-                "distcp: committed %s but could not write its .metadata: %s", self.path, error
+                "distcp: committed %s, but writing its %s (the marker that checkpoint "
+                "managers probe for) failed: %s",
+                self.path,
+                probe,
+                error,
             )
         referenced = {info.relative_path for info in storage_data.values()}
         try:
@@ -244,7 +254,11 @@ class FileSystemWriter(StorageWriter):
                 _check_size(item, data)
                 codec = self.codec if item.type != WriteItemType.BYTE_IO else None
                 if codec is not None:
-                    data = memoryview(compress(data))
+                    packed = compress(data)
+                    if len(packed) < len(data):
+                        data = memoryview(packed)
+                    else:  # incompressible: stored raw, so a codec chunk is always shorter
+                        codec = None
                 padding = -position % knobs.CHUNK_ALIGNMENT
                 if padding:
                     file.write(bytes(padding))
@@ -268,14 +282,16 @@ class FileSystemWriter(StorageWriter):
     def _remove_superseded(self, referenced: set[str]) -> None:
         """After a commit, delete data files no committed metadata references
         (earlier saves, failed saves) and temporary metadata of crashed saves.
-        A rank-local commit removes only its own rank's data files: the other
-        ranks' metadata still references theirs."""
+        A rank-local commit removes only its own rank's data files and
+        temporaries: the other ranks' metadata still references their files,
+        and they may be committing at this moment. The probe is never removed."""
         own = f"-{self.rank:05d}-"
+        rank = None if self.use_collectives else self.rank
         for entry in os.scandir(self.path):
             stale_data = is_data_file_name(entry.name) and entry.name not in referenced
-            if stale_data and not self.use_collectives and own not in entry.name:
+            if stale_data and rank is not None and own not in entry.name:
                 continue
-            if stale_data or is_temporary_metadata_name(entry.name):
+            if stale_data or is_temporary_metadata_name(entry.name, rank):
                 Path(entry.path).unlink(missing_ok=True)
 
 

@@ -560,7 +560,7 @@ NDARRAY_OK = ["<f4", [2], b"\x00" * 8]
 
 MALFORMED: dict[str, object] = {
     "unknown ext 0": ext(0, b""),
-    "unknown ext 15": ext(15, b""),
+    "unknown ext 16": ext(16, b""),
     "unknown ext 127": ext(127, b"x"),
     "negative ext": raw_ext(-5, b""),
     "timestamp": raw_ext(-1, b"\x00\x00\x00\x01"),

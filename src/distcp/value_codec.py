@@ -50,8 +50,16 @@ rules, so extension types nest::
     13    pickled value     array [type name: str, pickle: bin]; the type name
                             ("module.QualName") is for messages only
     14    io.BytesIO        its whole buffer (getvalue()); read back at position 0
+    15    registered type   array [name: str "module:qualname", kind: str, data];
+                            only types registered with distcp.serialization
+                            (add_safe_types) are written, and read back only
+                            if registered in the reading process: kind
+                            "dataclass" data is a map field name -> value,
+                            "enum" the member name, "datetime" the ISO text
+                            (timedelta: [days, seconds, microseconds]),
+                            "path" the path's text
 
-Codes 0 and 15-127 are unassigned, and msgpack's own negative codes (the
+Codes 0 and 16-127 are unassigned, and msgpack's own negative codes (the
 timestamp, -1) are not used: a reader rejects them. A reader also rejects any
 payload that does not match its layout, a dict whose keys decode to an unhashable
 or repeated value, bytes after the document, and nesting deeper than
@@ -66,6 +74,8 @@ anything.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import io
 import pickle
 import struct
@@ -76,6 +86,7 @@ import msgpack
 import numpy as np
 import torch
 
+from distcp import serialization
 from distcp.dtypes import dtype_from_name, dtype_name, supported_dtypes
 from distcp.errors import (
     CheckpointError,
@@ -93,6 +104,7 @@ __all__ = [
     "EXT_NUMPY_ARRAY",
     "EXT_NUMPY_SCALAR",
     "EXT_PICKLE",
+    "EXT_SAFE_TYPE",
     "EXT_SET",
     "EXT_TORCH_DEVICE",
     "EXT_TORCH_DTYPE",
@@ -118,6 +130,7 @@ EXT_NUMPY_ARRAY: Final = 11
 EXT_NUMPY_SCALAR: Final = 12
 EXT_PICKLE: Final = 13
 EXT_BYTES_IO: Final = 14
+EXT_SAFE_TYPE: Final = 15
 
 MAX_DEPTH: Final = 128
 """Deepest nesting of containers a value may have, so that neither side can be driven
@@ -238,7 +251,29 @@ class _Encoder:
             return self._ndarray(obj, path)
         if isinstance(obj, np.generic):
             return self._numpy_scalar(obj, path)
+        if serialization.registered(type(obj)):
+            return self._safe_type(obj, path, depth)
         return self._unsupported(obj, path, f"a value of type {_type_name(obj)}")
+
+    def _safe_type(self, obj: object, path: str, depth: int) -> object:
+        """A value of a registered type: ``[name, kind, data]`` (docs/format.md)."""
+        cls = type(obj)
+        kind = serialization.kind_of(cls)
+        data: object
+        if kind == "dataclass":
+            data = {
+                field.name: self.encode(getattr(obj, field.name), f"{path}.{field.name}", depth + 1)
+                for field in dataclasses.fields(obj)  # type: ignore[arg-type]
+            }
+        elif kind == "enum":
+            data = obj.name  # type: ignore[attr-defined]
+        elif isinstance(obj, datetime.timedelta):
+            data = [obj.days, obj.seconds, obj.microseconds]
+        elif kind == "datetime":
+            data = obj.isoformat()  # type: ignore[attr-defined]
+        else:
+            data = str(obj)
+        return msgpack.ExtType(EXT_SAFE_TYPE, _pack([serialization.type_name(cls), kind, data]))
 
     def _items(self, items: Iterable[object], path: str, depth: int) -> list[object]:
         return [self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(items)]
@@ -294,10 +329,16 @@ class _Encoder:
     def _unsupported(self, obj: object, path: str, what: str) -> object:
         where = _where(self.key, path)
         if not self.allow_pickle:
+            register = ""
+            if serialization.kind_of(type(obj)) is not None:
+                register = (
+                    f"register {type(obj).__qualname__} with "
+                    "distcp.serialization.add_safe_types (at save and load), "
+                )
             raise UnsupportedValueError(
-                f"{where}: cannot save {what} without pickle; convert it to a supported type "
-                f"({_SUPPORTED_TYPES}) or pass DefaultSavePlanner(allow_pickle=True) — loading "
-                "it will then need DefaultLoadPlanner(allow_pickle=True)"
+                f"{where}: cannot save {what} without pickle; {register}convert it to a "
+                f"supported type ({_SUPPORTED_TYPES}) or pass DefaultSavePlanner(allow_pickle=True)"
+                " — loading it will then need DefaultLoadPlanner(allow_pickle=True)"
             )
         try:
             data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
@@ -377,12 +418,65 @@ class _Decoder:
             return set(items) if code == EXT_SET else frozenset(items)
         if code == EXT_PICKLE:
             return self._pickle(payload, path)
+        if code == EXT_SAFE_TYPE:
+            return self._safe_type(payload, path, depth)
         try:
             return self._leaf(code, payload, path)
         except CheckpointError:
             raise
         except Exception as exc:
             raise self.error(path, f"bad payload for extension type {code}: {exc}") from exc
+
+    def _safe_type(self, payload: bytes, path: str, depth: int) -> object:
+        fields = self._array(payload, path, 3)
+        name, kind, data = fields
+        if not isinstance(name, str) or not isinstance(kind, str):
+            raise self.error(path, "a safe-type value needs a str name and kind")
+        cls = serialization.lookup(name)
+        if cls is None or serialization.kind_of(cls) != kind:
+            raise UnsupportedValueError(
+                f"{_where(self.key, path)}: the checkpoint holds a value of type {name!r} "
+                f"({kind}), which is not registered in this process; register it with "
+                "distcp.serialization.add_safe_types([...]) to load it"
+            )
+        try:
+            return self._rebuild(cls, kind, data, path, depth)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise self.error(path, f"bad {kind} value for {name!r}: {exc}") from exc
+
+    def _dataclass(self, cls: type, data: object, path: str, depth: int) -> object:
+        """Built without ``__init__``/``__post_init__``: each field set directly."""
+        names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if not isinstance(data, _MapPairs):
+            raise self.error(path, f"the fields of {cls.__qualname__} do not match")
+        stored = [name for name, _ in data]
+        if len(stored) != len(names) or set(stored) != names:
+            raise self.error(path, f"the fields of {cls.__qualname__} do not match")
+        obj: object = object.__new__(cls)
+        for field_name, tree in data:
+            value = self.decode(tree, f"{path}.{field_name}", depth + 1)
+            object.__setattr__(obj, str(field_name), value)  # frozen dataclasses too
+        return obj
+
+    def _rebuild(self, cls: type, kind: str, data: object, path: str, depth: int) -> object:
+        if kind == "dataclass":
+            return self._dataclass(cls, data, path, depth)
+        if kind == "enum":
+            if not isinstance(data, str):
+                raise self.error(path, "an enum member is saved by its name")
+            return cls[data]  # type: ignore[index]
+        if cls is datetime.timedelta:
+            if not isinstance(data, list) or [type(n) for n in data] != [int, int, int]:
+                raise self.error(path, "a timedelta is saved as [days, seconds, microseconds]")
+            days, seconds, micros = data
+            return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+        if not isinstance(data, str):
+            raise self.error(path, f"a {kind} value is saved as text")
+        if kind == "datetime":
+            return cls.fromisoformat(data)  # type: ignore[attr-defined]
+        return cls(data)
 
     def _leaf(self, code: int, payload: bytes, path: str) -> object:
         if code == EXT_BIGINT:

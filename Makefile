@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The real torchtitan checkpoint manager that tests/test_torchtitan.py drives.
+TORCHTITAN := torchtitan==0.3.0
 
 .PHONY: setup demo test lint typecheck pytest bench clean
 
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(TORCHTITAN)
 	touch $(STAMP)
 
 demo: setup

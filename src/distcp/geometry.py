@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Box",
+    "TooMuchWork",
     "byte_runs",
     "coalesce_runs",
     "contains",
@@ -221,8 +222,15 @@ def find_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
     return find_overlap_of([box.offsets for box in boxes], [box.sizes for box in boxes])
 
 
+class TooMuchWork(Exception):
+    """:func:`find_overlap_of` would compare more pairs than it was allowed."""
+
+
 def find_overlap_of(
-    offsets: Sequence[tuple[int, ...]], sizes: Sequence[tuple[int, ...]]
+    offsets: Sequence[tuple[int, ...]],
+    sizes: Sequence[tuple[int, ...]],
+    *,
+    max_comparisons: int | None = None,
 ) -> tuple[int, int] | None:
     """:func:`find_overlap` of the boxes ``Box(offsets[i], sizes[i])``, given
     as two parallel lists of tuples that are already valid box fields (plain
@@ -233,6 +241,11 @@ def find_overlap_of(
     comes first: when the boxes' ranges along the swept dimension are already
     pairwise disjoint (every sharded layout), no two boxes can share an element
     and the sweep is skipped.
+
+    The sweep is O(n log n) when few boxes are open at once (a sharded
+    layout) but O(n^1.5) on a grid of boxes and O(n^2) at worst; with
+    ``max_comparisons`` it raises :class:`TooMuchWork` rather than compare
+    more pairs than that (see :mod:`distcp.tiling` for a bound that holds).
     """
     live = [i for i, box_sizes in enumerate(sizes) if 0 not in box_sizes]
     if len(live) < 2:
@@ -251,10 +264,14 @@ def find_overlap_of(
 
     live.sort(key=lambda i: offsets[i][dim])
     active: list[tuple[int, int]] = []  # heap of (end along dim, index)
+    budget = math.inf if max_comparisons is None else max_comparisons
     for i in live:
         start = offsets[i][dim]
         while active and active[0][0] <= start:
             heapq.heappop(active)
+        budget -= len(active)
+        if budget < 0:
+            raise TooMuchWork(f"more than {max_comparisons} pairs of boxes to compare")
         for _, j in active:
             if _spans_overlap(offsets[i], sizes[i], offsets[j], sizes[j]):
                 return (i, j) if i < j else (j, i)

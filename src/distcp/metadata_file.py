@@ -30,7 +30,8 @@ import torch
 from distcp.codecs import CODECS
 from distcp.dtypes import dtype_from_name, dtype_name
 from distcp.errors import CheckpointError, CheckpointFormatError
-from distcp.geometry import Box, find_overlap
+from distcp.geometry import Box
+from distcp.hash_spread import HashSpread
 from distcp.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -41,6 +42,7 @@ from distcp.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from distcp.tiling import MAX_SPLIT_DIMS, tiling_problem
 from distcp.value_codec import decode_value, encode_value
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "decode_metadata", "encode_metadata", "is_safe_file_name"]
@@ -275,11 +277,15 @@ class _MetadataDecoder:
             shape = self.ints(record, "shape", where)
             requires_grad = self.get(record, "requires_grad", bool, where)
             chunks, boxes = [], []
+            spread = HashSpread()  # the offsets become keys of `storage`
             for c, chunk in enumerate(self.get(record, "chunks", list, where)):
                 chunk_where = f"{where} chunk {c}"
                 offsets = self.ints(chunk, "offsets", chunk_where)
                 chunk_sizes = self.ints(chunk, "sizes", chunk_where)
                 box = self._box(offsets, chunk_sizes, shape, chunk_where)
+                problem = spread.add(tuple(offsets))
+                if problem is not None:
+                    raise self.fail(f"{chunk_where}: offsets {offsets}: {problem}")
                 if MetadataIndex(key, offsets) in storage:
                     raise self.fail(f"{chunk_where}: another chunk has the same offsets {offsets}")
                 info = place(chunk, chunk_where, chunk=True)
@@ -330,13 +336,21 @@ class _MetadataDecoder:
     def _check_tiling(self, boxes: list[Box], shape: list[int], where: str) -> None:
         if len(boxes) == 1 and boxes[0].sizes == tuple(shape):
             return  # one chunk, the whole tensor (its box was checked to start inside it)
-        overlap = find_overlap(boxes)
-        if overlap is not None:
-            i, j = overlap
-            raise self.fail(f"{where}: chunks {i} and {j} overlap")
-        numel = Box.full(tuple(shape)).numel
-        if sum(box.numel for box in boxes) != numel:
+        problem = tiling_problem(
+            [box.offsets for box in boxes], [box.sizes for box in boxes], tuple(shape)
+        )
+        if problem is None:
+            return
+        if problem.kind == "overlap":
+            which = f"chunks {problem.pair[0]} and {problem.pair[1]}" if problem.pair else "chunks"
+            raise self.fail(f"{where}: {which} overlap")
+        if problem.kind == "gap":
+            numel = Box.full(tuple(shape)).numel
             raise self.fail(f"{where}: chunks do not cover the tensor's {numel} elements")
+        raise self.fail(
+            f"{where}: the chunk layout is split along more than {MAX_SPLIT_DIMS} dimensions "
+            "in a way too costly to verify"
+        )
 
     def _opaque(self, value: Any, name: str) -> Any:
         if value is None:

@@ -94,6 +94,7 @@ from distcp.errors import (
     PickleNotAllowedError,
     UnsupportedValueError,
 )
+from distcp.hash_spread import HashSpread
 
 __all__ = [
     "EXT_BIGINT",
@@ -193,7 +194,14 @@ def _type_name(obj: object) -> str:
 
 
 def _short_repr(obj: object, limit: int = 40) -> str:
-    text = repr(obj)
+    """``repr(obj)`` cut to ``limit`` characters, for messages; never raises
+    (an int of more digits than ``str()`` converts has no repr)."""
+    if type(obj) is int and obj.bit_length() > 256:
+        return f"<int of {obj.bit_length()} bits>"
+    try:
+        text = repr(obj)
+    except Exception:
+        return f"<{_type_name(obj)}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -389,20 +397,25 @@ class _Decoder:
     def _items(self, items: list[object], path: str, depth: int) -> list[object]:
         return [self.decode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(items)]
 
-    def _hashable(self, value: object, path: str) -> None:
+    def _add_key(self, spread: HashSpread, value: object, path: str) -> None:
+        """Check ``value`` can be a dict key or set item, and that inserting it
+        stays cheap (:mod:`distcp.hash_spread`), before it is inserted."""
         try:
-            hash(value)
+            problem = spread.add(value)
         except TypeError:
             raise self.error(
                 path, f"unhashable {type(value).__name__} as a dict key or set item"
             ) from None
+        if problem is not None:
+            raise self.error(path, problem)
 
     def _dict(self, node: _MapPairs, path: str, depth: int) -> dict[object, object]:
         result: dict[object, object] = {}
+        spread = HashSpread()
         for i, (key_node, value_node) in enumerate(node):
             key_path = f"{path}<key #{i}>"
             key = self.decode(key_node, key_path, depth + 1)
-            self._hashable(key, key_path)
+            self._add_key(spread, key, key_path)
             if key in result:
                 raise self.error(key_path, f"dict key {_short_repr(key)} repeats")
             result[key] = self.decode(value_node, f"{path}[{_short_repr(key)}]", depth + 1)
@@ -413,8 +426,9 @@ class _Decoder:
             items = self._items(self._array(payload, path, None), path, depth)
             if code == EXT_TUPLE:
                 return tuple(items)
+            spread = HashSpread()
             for item in items:
-                self._hashable(item, f"{path}<set item>")
+                self._add_key(spread, item, f"{path}<set item>")
             return set(items) if code == EXT_SET else frozenset(items)
         if code == EXT_PICKLE:
             return self._pickle(payload, path)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from distcp.errors import CorruptCheckpointError
+from distcp.filesystem.safe_open import open_regular_file
 
 __all__ = ["FileMappings", "OpenFile"]
 
@@ -34,11 +35,12 @@ _HAS_FADVISE = hasattr(os, "posix_fadvise")
 
 class OpenFile:
     """One data file: a descriptor for ``pread`` and, once asked for, its bytes
-    as a uint8 tensor over a read-only mapping."""
+    as a uint8 tensor over a read-only mapping. Opened without following a
+    symbolic link and checked to be a regular file (:mod:`.safe_open`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = open_regular_file(path, "data file")
         self.size = os.fstat(self.fd).st_size
         self._mapping: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
 from distcp.filesystem.file_mappings import FileMappings, OpenFile
 from distcp.filesystem.layout import METADATA_FILE_NAME, metadata_file_name, new_save_id
 from distcp.filesystem.load_report import LoadReport
+from distcp.filesystem.safe_open import read_regular_file
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
 from distcp.geometry import Box
 from distcp.metadata import (
@@ -117,7 +117,7 @@ class FileSystemReader(StorageReader):
         rank = kwargs.get("rank")
         metadata_path = self.path / metadata_file_name(rank)
         self._torch_dcp = None
-        if not metadata_path.is_file():
+        if not os.path.lexists(metadata_path):
             if not self.path.is_dir():
                 raise CheckpointNotFoundError(f"{self.path} is not a checkpoint directory")
             # --- a checkpoint written by torch DCP: distcp.torch_dcp reads it ---
@@ -130,7 +130,7 @@ class FileSystemReader(StorageReader):
                 "a save into it did not finish, so its data files are not loadable."
             )
         metadata, self._file_sizes = decode_metadata(
-            metadata_path.read_bytes(), source=str(metadata_path)
+            read_regular_file(metadata_path, "metadata file"), source=str(metadata_path)
         )
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
@@ -183,13 +183,17 @@ class FileSystemReader(StorageReader):
                     f"{item.storage_index.offset} which the checkpoint does not have"
                 )
             by_item[item.storage_index].append(item)
-        self._check_files({storage[index].relative_path for index in by_item})
         verification = plan.storage_data
         if not isinstance(verification, VerificationPlan):
             verification = VerificationPlan()  # no joint plan: verify every block alone
 
         planner_lock = threading.Lock()
         mappings = FileMappings(self.path)
+        try:
+            self._check_files(mappings, {storage[index].relative_path for index in by_item})
+        except BaseException:
+            mappings.close()
+            raise
 
         def read_bucket(bucket: list[tuple[MetadataIndex, list[ReadItem]]]) -> dict[BlockKey, int]:
             masked: dict[BlockKey, int] = {}
@@ -246,25 +250,15 @@ class FileSystemReader(StorageReader):
         verify_masked_crcs(contributions, self.metadata.storage_data, str(self.path))
         self.report.settle()
 
-    def _check_files(self, names: set[str]) -> None:
-        """Before reading anything: every file this rank reads exists and has
-        the size the metadata recorded (catches truncation and replacement)."""
+    def _check_files(self, mappings: FileMappings, names: set[str]) -> None:
+        """Before reading anything: every file this rank reads opens as a
+        regular file inside the checkpoint (no symbolic link, no FIFO) and has
+        the size the metadata recorded (catches truncation and replacement).
+        The checked descriptors are the ones the reads use."""
         for name in sorted(names):
             path = self.path / name
             expected = self._file_sizes.get(name)
-            try:
-                status = path.stat()
-            except FileNotFoundError:
-                raise CorruptCheckpointError(
-                    f"data file {path} is missing", file=str(path), offset=0
-                ) from None
-            if not stat.S_ISREG(status.st_mode):
-                raise CorruptCheckpointError(
-                    f"data file {path} is not a regular file (replaced by a directory?)",
-                    file=str(path),
-                    offset=0,
-                )
-            actual = status.st_size
+            actual = mappings.get(name).size
             if expected is not None and actual != expected:
                 raise CorruptCheckpointError(
                     f"data file {path} is {actual} bytes but the metadata records {expected} "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from distcp.errors import CheckpointFormatError, CorruptCheckpointError
+from distcp.filesystem.safe_open import open_regular_file
 
 __all__ = ["check_files", "open_checked", "resolve_inside"]
 
@@ -60,20 +61,12 @@ def open_checked(root: Path, name: str, end: int, what: str) -> BinaryIO:
     """Open data file ``name`` for reading, after the checks of :func:`check_files`
     (the file must exist now)."""
     path = resolve_inside(root, name)
-    try:
-        file = open(path, "rb")  # noqa: SIM115 - the caller closes it
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            f"torch DCP checkpoint {root}: data file {name} is missing ({what} is in it)",
-            file=str(path),
-            offset=0,
-        ) from None
-    except IsADirectoryError:
-        raise CorruptCheckpointError(
-            f"torch DCP checkpoint {root}: data file {name} is a directory",
-            file=str(path),
-            offset=0,
-        ) from None
+    # Resolved inside root above, so a link within the checkpoint is followed;
+    # O_NONBLOCK and the descriptor's check keep a FIFO from blocking the load.
+    fd = open_regular_file(
+        path, f"torch DCP checkpoint {root}: data file ({what} is in it)", follow_symlinks=True
+    )
+    file = os.fdopen(fd, "rb")
     try:
         _check_status(path, os.fstat(file.fileno()), end, what)
     except BaseException:

@@ -20,6 +20,7 @@ reader gives it.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import threading
 from collections import defaultdict
@@ -40,6 +41,7 @@ from distcp.errors import (
     UnsupportedStorageError,
 )
 from distcp.filesystem.load_report import LoadReport
+from distcp.filesystem.safe_open import open_regular_file, read_regular_file
 from distcp.load_planner import DefaultLoadPlanner
 from distcp.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from distcp.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
@@ -65,11 +67,11 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive
 def is_torch_dcp_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` holds a torch DCP ``.metadata`` pickle. (distcp's own
     checkpoints may hold a ``.metadata`` too: a text marker, never a pickle.)"""
-    try:
-        with open(Path(path) / TORCH_METADATA_FILE_NAME, "rb") as file:
-            return file.read(1) == bytes([_PICKLE_PROTO])
-    except OSError:
+    metadata = Path(path) / TORCH_METADATA_FILE_NAME
+    if not os.path.lexists(metadata):
         return False
+    with os.fdopen(open_regular_file(metadata, "torch DCP metadata file"), "rb") as file:
+        return file.read(1) == bytes([_PICKLE_PROTO])
 
 
 def read_torch_metadata(path: str | Path) -> Metadata:
@@ -79,7 +81,8 @@ def read_torch_metadata(path: str | Path) -> Metadata:
     root = Path(path)
     source = root / TORCH_METADATA_FILE_NAME
     metadata = build_metadata(
-        safe_loads(source.read_bytes(), source=str(source)), source=str(source)
+        safe_loads(read_regular_file(source, "torch DCP metadata file"), source=str(source)),
+        source=str(source),
     )
     storage: dict[MetadataIndex, _StorageInfo] = metadata.storage_data
     check_files(

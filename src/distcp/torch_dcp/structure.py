@@ -27,7 +27,6 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from distcp.errors import CheckpointFormatError
-from distcp.geometry import find_overlap_of
 from distcp.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -37,6 +36,7 @@ from distcp.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from distcp.tiling import find_repeated, tiling_problem
 from distcp.torch_dcp.safe_unpickle import MEM_FORMAT_KIND, Record
 
 __all__ = ["build_metadata", "check_relative_path"]
@@ -213,14 +213,18 @@ def _check_tiling(
     """The chunks neither overlap nor leave a gap: together they are the tensor."""
     if len(sizes) == 1 and sizes[0] == shape:
         return  # one chunk, the whole tensor (its bounds were checked)
-    if len(set(offsets)) != len(offsets):
+    if find_repeated(offsets) is not None:
         raise context.fail(f"{where}: two chunks have the same offsets")
-    overlap = find_overlap_of(offsets, sizes)
-    if overlap is not None:
-        raise context.fail(f"{where}: chunks {overlap[0]} and {overlap[1]} overlap")
-    numel = math.prod(shape)
-    if sum(map(math.prod, sizes)) != numel:
+    problem = tiling_problem(offsets, sizes, shape)
+    if problem is None:
+        return
+    if problem.kind == "overlap":
+        which = f"chunks {problem.pair[0]} and {problem.pair[1]}" if problem.pair else "chunks"
+        raise context.fail(f"{where}: {which} overlap")
+    if problem.kind == "gap":
+        numel = math.prod(shape)
         raise context.fail(f"{where}: the chunks do not cover the tensor's {numel} elements")
+    raise context.fail(f"{where}: the chunk layout is too costly to verify")
 
 
 def _properties(context: _Context, value: Any, where: str) -> TensorProperties:

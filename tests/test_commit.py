@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distcp
+from distcp.filesystem.directory_lock import lock_file_name
 from distcp.filesystem.layout import METADATA_FILE_NAME, PROBE_FILE_NAME
 
 
@@ -43,9 +44,8 @@ def test_overwrite_replaces_and_removes_superseded_files(tmp_path: Path) -> None
     (tmp_path / "notes.txt").write_text("user file, not ours")
     distcp.save({"a": torch.full((1000,), 2.0)}, checkpoint_id=tmp_path, no_dist=True)
     second = {p.name for p in tmp_path.iterdir()}
-    assert not (first - {METADATA_FILE_NAME, PROBE_FILE_NAME}) & second, (
-        "old data files must be removed"
-    )
+    kept = {METADATA_FILE_NAME, PROBE_FILE_NAME, lock_file_name()}
+    assert not (first - kept) & second, "old data files must be removed"
     assert "notes.txt" in second
     target = {"a": torch.zeros(1000)}
     distcp.load(target, checkpoint_id=tmp_path, no_dist=True)

@@ -18,6 +18,7 @@ between ranks from all ranks' masked crcs.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import inspect
 import os
@@ -33,6 +34,9 @@ from distcp.errors import (
     CheckpointArgumentError,
     CheckpointException,
     CheckpointNotFoundError,
+    CommitOutcomeUnknownError,
+    CommitWarning,
+    DistributedCheckpointError,
     IncompleteCheckpointError,
     UnsupportedStorageError,
 )
@@ -91,6 +95,7 @@ def save(
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
     use_collectives: bool = True,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Metadata:
     """Save ``state_dict`` as a checkpoint; every rank of ``process_group`` calls it.
 
@@ -102,11 +107,17 @@ def save(
     With ``use_collectives=False`` (DCP's rank-local save) no rank talks to
     another: each plans, writes and commits its own state under its own
     rank-scoped metadata, and loading needs the same world size.
+
+    ``timeout`` (seconds or a timedelta; default ``DISTCP_COLLECTIVE_TIMEOUT``,
+    600 s) bounds each wait for the other ranks: a rank that hung or died makes
+    every live rank raise :class:`CollectiveTimeoutError` naming it.
     """
     writer = storage_for(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
     if not use_collectives:
-        return _save_rank_local(state_dict, writer, planner, process_group, no_dist)
-    return _save(state_dict, writer, planner, process_group, no_dist, coordinator_rank=0)
+        return _save_rank_local(state_dict, writer, planner, process_group, no_dist, timeout)
+    return _save(
+        state_dict, writer, planner, process_group, no_dist, coordinator_rank=0, timeout=timeout
+    )
 
 
 @accepts_old_argument_order("storage_reader")
@@ -118,15 +129,17 @@ def load(
     planner: LoadPlanner | None = None,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
+    timeout: float | datetime.timedelta | None = None,
 ) -> None:
     """Load a checkpoint into ``state_dict`` in place; every rank calls it.
 
     Tensors are filled in place (their layout may differ from the saved one);
     non-tensor values are replaced inside the caller's (nested) dict;
     ``Stateful`` values get ``load_state_dict`` with what was loaded.
+    ``timeout`` as in :func:`save`.
     """
     reader = storage_for(storage_reader, checkpoint_id, FileSystemReader, "storage_reader")
-    _load(state_dict, reader, planner, process_group, no_dist, coordinator_rank=0)
+    _load(state_dict, reader, planner, process_group, no_dist, coordinator_rank=0, timeout=timeout)
 
 
 def save_state_dict(
@@ -197,7 +210,10 @@ def _local_path(checkpoint_id: Any, name: str) -> Any:
 
 
 def _coordinator(
-    process_group: dist.ProcessGroup | None, no_dist: bool, coordinator_rank: int
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+    coordinator_rank: int,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Coordinator:
     if not no_dist and not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
@@ -210,7 +226,9 @@ def _coordinator(
             stacklevel=3,
         )
         no_dist = True
-    return Coordinator(process_group, no_dist=no_dist, coordinator_rank=coordinator_rank)
+    return Coordinator(
+        process_group, no_dist=no_dist, coordinator_rank=coordinator_rank, timeout=timeout
+    )
 
 
 def _save(
@@ -220,8 +238,9 @@ def _save(
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
     coordinator_rank: int,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Metadata:
-    ranks = _coordinator(process_group, no_dist, coordinator_rank)
+    ranks = _coordinator(process_group, no_dist, coordinator_rank, timeout)
     planner = planner or DefaultSavePlanner()
     with gc_paused():
         planned = plan_save(state_dict, writer, planner, ranks)
@@ -274,23 +293,27 @@ def _save_rank_local(
     planner: SavePlanner | None,
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Metadata:
     """DCP's ``use_collectives=False``: this rank plans, writes and commits its
     own state alone, as a one-rank save under rank-scoped metadata; the ranks
     meet once at the end (as DCP's barrier), where a failure on any rank
     raises on every rank."""
-    ranks = _coordinator(process_group, no_dist, coordinator_rank=0)
+    ranks = _coordinator(process_group, no_dist, 0, timeout)
     planner = planner or DefaultSavePlanner()
     resolved = _resolve_stateful(state_dict)
 
     def save_alone() -> Metadata:
         with gc_paused():
-            set_up_save(planner, writer, resolved, ranks, use_collectives=False)
-            local = writer.prepare_local_plan(planner.create_local_plan())
-            plans, metadata = planner.create_global_plan([local])
-            plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
-            results: list[WriteResult] = wait_future(writer.write_data(plan, planner))
-            writer.finish(metadata, [results])
+            try:
+                set_up_save(planner, writer, resolved, ranks, use_collectives=False)
+                local = writer.prepare_local_plan(planner.create_local_plan())
+                plans, metadata = planner.create_global_plan([local])
+                plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
+                results: list[WriteResult] = wait_future(writer.write_data(plan, planner))
+                writer.finish(metadata, [results])
+            finally:
+                release_storage(writer)
             return metadata
 
     metadata_box: list[Metadata] = []
@@ -339,20 +362,56 @@ def plan_save(
         metadata_box.append(metadata)
         return writer.prepare_global_plan(all_plans)
 
-    central_plan = ranks.reduce_scatter("planning the save", local_plan, global_plan)
+    try:
+        central_plan = ranks.reduce_scatter("planning the save", local_plan, global_plan)
+    except BaseException:
+        release_storage(writer)
+        raise
     return PlannedSave(ranks, writer, central_plan, metadata_box[0] if metadata_box else None)
+
+
+def release_storage(writer: StorageWriter) -> None:
+    """A save has ended, committed or not: distcp's writer lets the next save
+    into its directory (a foreign writer has nothing to release)."""
+    if isinstance(writer, FileSystemWriter):
+        writer.release()
 
 
 def commit_save(planned: PlannedSave, write: Callable[[], list[WriteResult]]) -> Metadata:
     """Every rank runs ``write``; once all succeeded the coordinator commits.
-    A failure on any rank commits nothing and raises the same error everywhere."""
+    A failure on any rank commits nothing and raises the same error everywhere.
+
+    The outcome a caller sees matches the path (docs/format.md §7): a return
+    means the new checkpoint is there, :class:`CommitOutcomeUnknownError`
+    (a rank that lost the coordinator while it committed) that either may
+    be, any other error that the previous one is. A coordinator that
+    committed but could not tell the others returns, with a CommitWarning."""
+    committed = False
 
     def commit(results: list[list[WriteResult]]) -> Metadata:
+        nonlocal committed
         assert planned.metadata is not None  # commit runs on the coordinator
         planned.writer.finish(planned.metadata, results)
+        committed = True
         return planned.metadata
 
-    return planned.ranks.all_reduce("writing the checkpoint", write, commit)
+    try:
+        return planned.ranks.all_reduce("writing the checkpoint", write, commit)
+    except DistributedCheckpointError as error:
+        if committed:
+            assert planned.metadata is not None
+            warnings.warn(
+                f"distcp: committed the checkpoint, but telling the other ranks failed: {error}",
+                CommitWarning,
+                stacklevel=2,
+            )
+            return planned.metadata
+        if error.while_delivering and not planned.ranks.is_coordinator:
+            save_id = getattr(planned.central_plan.storage_data, "save_id", None)
+            raise CommitOutcomeUnknownError(error.step, error.causes, save_id) from error
+        raise
+    finally:
+        release_storage(planned.writer)
 
 
 def _load(
@@ -362,9 +421,10 @@ def _load(
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
     coordinator_rank: int,
+    timeout: float | datetime.timedelta | None = None,
 ) -> None:
     with gc_paused():
-        _load_paused(state_dict, reader, planner, process_group, no_dist, coordinator_rank)
+        _load_paused(state_dict, reader, planner, process_group, no_dist, coordinator_rank, timeout)
 
 
 def _load_paused(
@@ -374,8 +434,9 @@ def _load_paused(
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
     coordinator_rank: int,
+    timeout: float | datetime.timedelta | None = None,
 ) -> None:
-    ranks = _coordinator(process_group, no_dist, coordinator_rank)
+    ranks = _coordinator(process_group, no_dist, coordinator_rank, timeout)
     planner = planner or DefaultLoadPlanner()
     # Sorted, as torch DCP does: a Stateful's state_dict() may run collectives.
     resolved = _resolve_stateful({key: state_dict[key] for key in sorted(state_dict)})

@@ -27,6 +27,7 @@ the state dict its own way and distcp saves its copy in the background.
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from distcp.api import (
     save,
     storage_for,
 )
+from distcp.distributed import resolve_timeout, timed_group
 from distcp.filesystem.writer import FileSystemWriter
 from distcp.gc_pause import gc_paused
 from distcp.metadata import STATE_DICT_TYPE, Metadata
@@ -131,6 +133,7 @@ def async_save(
     async_stager: AsyncStager | None = None,
     no_dist: bool = False,
     use_collectives: bool = True,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Future[Any] | AsyncSaveResponse:
     """Plan and stage ``state_dict``, then save it in the background; every
     rank calls it.
@@ -146,7 +149,8 @@ def async_save(
     ``use_async_staging``, the default of DCP's ``StagingOptions``) it returns
     at once an ``AsyncSaveResponse``: wait on ``staging_completion`` before
     changing the state, on ``upload_completion`` for the commit.
-    ``use_collectives=False`` saves rank-locally, as :func:`distcp.save`.
+    ``use_collectives=False`` saves rank-locally, as :func:`distcp.save`;
+    ``timeout`` bounds each wait for the other ranks, as there.
     """
     if not isinstance(async_checkpointer_type, AsyncCheckpointerType):
         async_checkpointer_type = AsyncCheckpointerType(
@@ -157,7 +161,7 @@ def async_save(
     if async_stager is not None and not isinstance(async_stager, DefaultStager):
         return _save_foreign_staged(
             state_dict, async_stager, checkpoint_id, storage_writer, planner, process_group,
-            no_dist, use_collectives,
+            no_dist, use_collectives, timeout,
         )  # fmt: skip
     background = async_stager is not None and async_stager.config.use_async_staging
     with _lock:
@@ -166,6 +170,8 @@ def async_save(
         writer = storage_for(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
         distributed = not no_dist and dist.is_available() and dist.is_initialized()
         group = saver.group_for(process_group) if distributed else None
+        if group is not None:  # made here, not in the background: ranks create groups in step
+            timed_group(group, resolve_timeout(timeout))
         if not use_collectives:
             pending = saver.executor.submit(
                 save,
@@ -175,11 +181,12 @@ def async_save(
                 process_group=group,
                 no_dist=not distributed,
                 use_collectives=False,
+                timeout=timeout,
             )  # fmt: skip  (a rank-local save plans alone: all of it can run in the background)
             saver.pending = pending
             return pending
         planner = planner or DefaultSavePlanner()
-        ranks = _coordinator(group, not distributed, 0)
+        ranks = _coordinator(group, not distributed, 0, timeout)
         with gc_paused():
             try:
                 planned = plan_save(state_dict, writer, planner, ranks)
@@ -228,6 +235,7 @@ def _save_foreign_staged(
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
     use_collectives: bool,
+    timeout: float | datetime.timedelta | None,
 ) -> Future[Any] | AsyncSaveResponse:
     """A stager distcp does not know: it makes the host copy (now, or as a
     future), and :func:`distcp.save` writes that copy from a background thread
@@ -238,13 +246,15 @@ def _save_foreign_staged(
         writer = storage_for(storage_writer, checkpoint_id, FileSystemWriter, "storage_writer")
         distributed = not no_dist and dist.is_available() and dist.is_initialized()
         group = saver.group_for(process_group) if distributed else None
+        if group is not None:  # made here, not in the background: ranks create groups in step
+            timed_group(group, resolve_timeout(timeout))
         staged = stager.stage(state_dict)
 
         def save_copy() -> Metadata:
             copy = staged.result() if isinstance(staged, Future) else staged
             return save(
                 copy, storage_writer=writer, planner=planner, process_group=group,
-                no_dist=not distributed, use_collectives=use_collectives,
+                no_dist=not distributed, use_collectives=use_collectives, timeout=timeout,
             )  # fmt: skip
 
         saver.pending = saver.executor.submit(save_copy)

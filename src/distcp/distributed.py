@@ -4,12 +4,23 @@ into the same error on every rank.
 
 Coordination uses object collectives over a CPU (gloo) group, so exchanging
 plans never allocates GPU memory even when the default group is NCCL.
+
+Every step is bounded in time. The group is distcp's own gloo group over the
+same ranks, created with distcp's timeout (``COLLECTIVE_TIMEOUT_S``, or
+``timeout=`` per call), and before each exchange the ranks meet in a
+``monitored_barrier``: a rank that hung or died makes every live rank raise
+:class:`CollectiveTimeoutError` within the timeout instead of waiting for the
+process group's (30 minutes by default). Rank 0 of the group, which the
+barrier reports to, names the ranks that did not arrive; the others name
+rank 0, which did not confirm that everyone had.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import pickle
+import re
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -17,14 +28,24 @@ from weakref import WeakKeyDictionary
 
 import torch.distributed as dist
 
-from distcp.errors import CheckpointError, DistributedCheckpointError, RemoteError
+from distcp import knobs
+from distcp.errors import (
+    CheckpointArgumentError,
+    CheckpointError,
+    CollectiveTimeoutError,
+    DistributedCheckpointError,
+    RemoteError,
+)
 
-__all__ = ["Coordinator", "cpu_group", "sendable_error"]
+__all__ = ["Coordinator", "cpu_group", "resolve_timeout", "sendable_error", "timed_group"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _cpu_groups: WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup] = WeakKeyDictionary()
+_timed_groups: WeakKeyDictionary[dist.ProcessGroup, dict[float, dist.ProcessGroup]] = (
+    WeakKeyDictionary()
+)
 
 
 class _Failed:
@@ -47,12 +68,14 @@ class Coordinator:
         *,
         no_dist: bool = False,
         coordinator_rank: int = 0,
+        timeout: float | datetime.timedelta | None = None,
     ) -> None:
         self.distributed = not no_dist and dist.is_available() and dist.is_initialized()
+        self.timeout = resolve_timeout(timeout)
         if self.distributed:
             group = process_group or dist.group.WORLD
             assert group is not None
-            self.group = cpu_group(group)
+            self.group = timed_group(group, self.timeout)
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
         else:
@@ -79,6 +102,7 @@ class Coordinator:
         mine = _attempt(local)
         if not self.distributed:
             return self._run_locally(step, mine, central)[0]  # type: ignore[no-any-return]
+        self._arrive(step)
         gathered = self._gather(step, mine)
         outgoing: list[Any] | None = None
         if self.is_coordinator:
@@ -91,6 +115,7 @@ class Coordinator:
                 else:
                     outgoing = list(results)
             outgoing = outgoing if failure is None else [failure] * self.world_size
+        self._arrive(step, delivering=True)
         received = self._scatter(step, outgoing)
         if isinstance(received, _Failed):
             raise received.error
@@ -107,6 +132,7 @@ class Coordinator:
         mine = _attempt(local)
         if not self.distributed:
             return self._run_locally(step, mine, central)  # type: ignore[no-any-return]
+        self._arrive(step)
         gathered = self._gather(step, mine)
         outcome: Any = None
         if self.is_coordinator:
@@ -116,6 +142,7 @@ class Coordinator:
                 outcome = _attempt(lambda: central(gathered))
                 if isinstance(outcome, _Failed):
                     outcome = _Failed(self._error(step, {self.rank: outcome.error}))
+        self._arrive(step, delivering=True)
         received = self._broadcast(step, outcome)
         if isinstance(received, _Failed):
             raise received.error
@@ -155,9 +182,39 @@ class Coordinator:
             dist.gather_object(value, output, group=self.group, group_dst=self.coordinator_rank)
         return output
 
+    def _arrive(self, step: str, *, delivering: bool = False) -> None:
+        """Wait, at most the timeout, until every rank has reached this point
+        of ``step``; else raise :class:`CollectiveTimeoutError` naming the
+        ranks that did not (on group rank 0) or rank 0 (on the others)."""
+        try:
+            dist.monitored_barrier(
+                group=self.group,
+                timeout=datetime.timedelta(seconds=self.timeout),
+                wait_all_ranks=True,
+            )
+        except Exception as error:
+            _forget(self.group)  # broken now: the next save or load makes a new one
+            missing = _missing_ranks(str(error)) if self.rank == 0 else None
+            if missing:
+                who = f"rank(s) {', '.join(map(str, missing))} did not arrive (died, or hung"
+            else:
+                missing = [0]
+                who = (
+                    "rank 0 did not confirm that every rank arrived (it, or a rank it "
+                    "waited for, died or hung: rank 0's error names which; or hung"
+                )
+            failure = CollectiveTimeoutError(
+                f"{step}: {who} past {self.timeout:g} s, distcp's collective timeout: "
+                "timeout= of save/load, or DISTCP_COLLECTIVE_TIMEOUT)",
+                {self.rank: sendable_error(error)},
+                missing,
+            )
+            failure.while_delivering = delivering
+            raise failure from error
+
     def _scatter(self, step: str, values: list[Any] | None) -> Any:
         output: list[Any] = [None]
-        with self._collective(step):
+        with self._collective(step, delivering=True):
             dist.scatter_object_list(
                 output, values, group=self.group, group_src=self.coordinator_rank
             )
@@ -165,22 +222,26 @@ class Coordinator:
 
     def _broadcast(self, step: str, value: Any) -> Any:
         box = [value]
-        with self._collective(step):
+        with self._collective(step, delivering=True):
             dist.broadcast_object_list(box, group=self.group, group_src=self.coordinator_rank)
         return box[0]
 
     @contextlib.contextmanager
-    def _collective(self, step: str) -> Iterator[None]:
+    def _collective(self, step: str, *, delivering: bool = False) -> Iterator[None]:
         """A collective that fails (a rank died, hung past the timeout, or the
         network broke) raises a :class:`DistributedCheckpointError` too, with
-        this rank's view of the cause."""
+        this rank's view of the cause; ``delivering``: the coordinator's
+        outcome was being sent (see ``DistributedCheckpointError.while_delivering``)."""
         try:
             yield
         except Exception as error:
-            raise DistributedCheckpointError(
+            _forget(self.group)
+            failure = DistributedCheckpointError(
                 f"{step} (exchanging with the other ranks: one may have died or timed out)",
                 {self.rank: sendable_error(error)},
-            ) from error
+            )
+            failure.while_delivering = delivering
+            raise failure from error
 
 
 def _attempt(function: Callable[[], T]) -> T | _Failed:
@@ -201,6 +262,50 @@ def sendable_error(error: BaseException) -> BaseException:
         pass
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return RemoteError(type(error).__qualname__, str(error), trace)
+
+
+def resolve_timeout(timeout: float | datetime.timedelta | None) -> float:
+    """Seconds: ``timeout`` given per call, else the knob's default."""
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    seconds = knobs.COLLECTIVE_TIMEOUT_S if timeout is None else float(timeout)
+    if not seconds > 0:
+        raise CheckpointArgumentError(
+            f"timeout must be a positive number of seconds, got {timeout!r}"
+        )
+    return seconds
+
+
+def _missing_ranks(message: str) -> list[int]:
+    """The ranks gloo's monitored barrier reports as late ("Ranks 1, 3 failed
+    to pass monitoredBarrier"); [] when the message has no such list."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    return [int(rank) for rank in re.findall(r"\d+", found.group(1))] if found else []
+
+
+def timed_group(group: dist.ProcessGroup, timeout: float) -> dist.ProcessGroup:
+    """distcp's gloo group over ``group``'s ranks whose operations time out
+    after ``timeout`` seconds; created once per group and timeout (every
+    rank of ``group`` creates it at the same save or load)."""
+    by_timeout = _timed_groups.setdefault(group, {})
+    cached = by_timeout.get(timeout)
+    if cached is None:
+        cached = dist.new_group(
+            ranks=dist.get_process_group_ranks(group),
+            backend="gloo",
+            timeout=datetime.timedelta(seconds=timeout),
+            use_local_synchronization=True,
+        )
+        by_timeout[timeout] = cached
+    return cached
+
+
+def _forget(timed: dist.ProcessGroup) -> None:
+    """Drop ``timed`` from the cache after a failed collective left it unusable."""
+    for by_timeout in list(_timed_groups.values()):
+        for seconds, cached in list(by_timeout.items()):
+            if cached is timed:
+                del by_timeout[seconds]
 
 
 def cpu_group(group: dist.ProcessGroup) -> dist.ProcessGroup:

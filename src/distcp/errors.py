@@ -25,6 +25,10 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
+    "CollectiveTimeoutError",
+    "CommitOutcomeUnknownError",
+    "CommitWarning",
+    "ConcurrentSaveError",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
     "DtypeMismatchError",
@@ -180,6 +184,10 @@ class DistributedCheckpointError(CheckpointError):
     """One or more ranks failed in a collective step of save or load. Every rank
     raises this same error; ``failures`` maps each failing rank to its cause."""
 
+    while_delivering = False
+    """True when this rank lost contact while the coordinator was sending the
+    step's outcome (after it ran its part, e.g. the commit)."""
+
     def __init__(self, step: str, failures: Mapping[int, BaseException]):
         self.step = step
         self._failures = dict(sorted(failures.items()))
@@ -217,3 +225,57 @@ class CheckpointArgumentError(CheckpointError, ValueError):
     """An argument of ``save`` / ``load`` is missing or does not fit the
     others (no ``checkpoint_id`` and no storage, a process group without
     torch.distributed, ...)."""
+
+
+class CommitOutcomeUnknownError(DistributedCheckpointError):
+    """Raised on a rank that lost contact with the coordinator while it was
+    committing: the checkpoint at the path is either the previous one or this
+    save's, whole (never a mix), and this rank cannot tell which. Loading it
+    tells: this save's metadata carries ``save_id`` (``storage_meta.save_id``
+    after ``FileSystemReader(path).read_metadata()``). Every other error from
+    a save means the previous checkpoint is in place."""
+
+    def __init__(
+        self, step: str, failures: Mapping[int, BaseException], save_id: str | None = None
+    ):
+        super().__init__(step, failures)
+        self.save_id = save_id
+
+    def __str__(self) -> str:
+        which = f" (this save's id: {self.save_id})" if self.save_id else ""
+        return (
+            f"{super().__str__()}\nThe coordinator may or may not have committed{which}: "
+            "the checkpoint at the path is the previous one or this save's, never a mix; "
+            "read its metadata to know which."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CommitOutcomeUnknownError, (self.step, self.causes, self.save_id))
+
+
+class CollectiveTimeoutError(DistributedCheckpointError):
+    """A collective step of a save or load did not complete within distcp's
+    timeout (``timeout=`` of ``save``/``load``, or ``DISTCP_COLLECTIVE_TIMEOUT``):
+    ``missing`` are the ranks that did not arrive, where this rank can tell."""
+
+    def __init__(
+        self, step: str, failures: Mapping[int, BaseException], missing: Sequence[int] = ()
+    ):
+        super().__init__(step, failures)
+        self.missing = tuple(missing)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CollectiveTimeoutError, (self.step, self.causes, self.missing))
+
+
+class ConcurrentSaveError(CheckpointError):
+    """Another save into the same checkpoint directory is in progress (a job
+    restarted while the old one still runs, two jobs given one path). Nothing
+    was written; the checkpoint at the path is untouched."""
+
+
+class CommitWarning(UserWarning):
+    """A save committed (the checkpoint at the path is the new one) but
+    something after the commit point failed: fsyncing the directory, writing
+    the ``.metadata`` probe, removing superseded files, or telling the other
+    ranks. The save returns normally; this warning says what failed."""

@@ -32,3 +32,12 @@ DIRECT_READ_SIZE = 256 << 10
 #: (``sync_file_range``), so the disk works while checksums and copies run and
 #: the final fsync waits for little.
 WRITEBACK_EVERY = 16 << 20
+
+#: Seconds every rank waits, at each collective step of a save or load, for
+#: the others to arrive before it raises ``CollectiveTimeoutError`` naming the
+#: step and the ranks that did not (a hung rank otherwise holds every other
+#: rank for the process group's timeout, 30 minutes by default). Generous,
+#: because the ranks' local work between steps differs in length (the slowest
+#: rank's write of its share of a large state); ``timeout=`` of
+#: save/load/async_save sets it per call, ``DISTCP_COLLECTIVE_TIMEOUT`` here.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("DISTCP_COLLECTIVE_TIMEOUT", "600"))

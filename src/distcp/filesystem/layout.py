@@ -20,6 +20,7 @@ the others', so a rank-local save never writes the global ``.metadata``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -99,10 +100,16 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, temporary_name: str, *, sync: bool) -> None:
+def write_atomically(path: Path, data: bytes, temporary_name: str, *, sync: bool) -> OSError | None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole
     new one, never a part: write a temporary file, fsync it, rename it into
-    place, fsync the directory."""
+    place, fsync the directory.
+
+    An error before or at the rename is raised: ``path`` is unchanged. The
+    rename is the point of no return: an error after it (fsyncing the
+    directory) is *returned*, not raised, because ``path`` already holds the
+    new file; only its durability across a power loss is unconfirmed.
+    """
     temporary = path.with_name(temporary_name)
     try:
         with open(temporary, "wb") as file:
@@ -112,7 +119,12 @@ def write_atomically(path: Path, data: bytes, temporary_name: str, *, sync: bool
                 os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error that matters is the one raised
+            temporary.unlink(missing_ok=True)
         raise
     if sync:
-        fsync_directory(path.parent)
+        try:
+            fsync_directory(path.parent)
+        except OSError as error:
+            return error
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -20,9 +21,11 @@ from distcp.errors import (
     CheckpointArgumentError,
     CheckpointError,
     CheckpointExistsError,
+    CommitWarning,
     UnsupportedStorageError,
 )
 from distcp.filesystem.device_copies import PinnedStager, StagedItem
+from distcp.filesystem.directory_lock import DirectoryLock, lock_file_name
 from distcp.filesystem.layout import (
     PROBE_TEXT,
     data_file_name,
@@ -122,6 +125,7 @@ class FileSystemWriter(StorageWriter):
         self.is_coordinator = False
         self.use_collectives = True
         self.save_id: str | None = None
+        self._lock = DirectoryLock()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -140,14 +144,26 @@ class FileSystemWriter(StorageWriter):
         self.rank = int(kwargs.get("rank", 0))
         self.use_collectives = bool(kwargs.get("use_collectives", True))
         committing = is_coordinator or not self.use_collectives
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not committing:
+            return
+        # Held until finish() or release(): one save at a time in a directory.
+        self._lock.acquire(self.path / lock_file_name(None if self.use_collectives else self.rank))
         metadata = self.path / self._metadata_name()
-        if committing and not self.overwrite and metadata.exists():
+        if not self.overwrite and metadata.exists():
+            self._lock.release()
             raise CheckpointExistsError(
                 f"Checkpoint already exists at {self.path} ({metadata.name}) and "
                 "overwrite=False; choose another path or pass FileSystemWriter(path, "
                 "overwrite=True)"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+
+    def release(self) -> None:
+        """End this writer's hold on its directory (the lock a committing rank
+        takes at set-up, so that two saves never run into one directory at
+        once). ``finish`` releases it; ``distcp.save`` also calls this when a
+        save fails, and a writer that is dropped releases it too."""
+        self._lock.release()
 
     def _metadata_name(self) -> str:
         return metadata_file_name(None if self.use_collectives else self.rank)
@@ -190,37 +206,42 @@ class FileSystemWriter(StorageWriter):
         save_id = self.save_id or new_save_id()
         payload = encode_metadata(metadata, save_id=save_id, world_size=len(results))
         name = self._metadata_name()
-        write_atomically(
+        unsynced = write_atomically(
             self.path / name, payload, temporary_metadata_name(save_id, name), sync=self.sync_files
         )
-        # Committed. What follows is the probe and tidying up; a failure in
-        # either must not report the save as failed (the new checkpoint is in
-        # place). The probe is written only now, so it never marks an
-        # incomplete checkpoint; a failed later save leaves it and the metadata
-        # it stands for both in place.
+        # Committed: the rename put the new metadata in place, so from here on
+        # nothing may report the save as failed (docs/format.md §7). What
+        # fails now is a CommitWarning. The probe is written only now, so it
+        # never marks an incomplete checkpoint; a failed later save leaves it
+        # and the metadata it stands for both in place.
+        if unsynced is not None:
+            warn_after_commit(
+                self.path,
+                f"fsyncing the directory failed ({unsynced}); the new checkpoint "
+                "is in place but may not survive a power loss",
+            )
         probe = probe_file_name(None if self.use_collectives else self.rank)
         try:
-            write_atomically(
+            error = write_atomically(
                 self.path / probe,
                 PROBE_TEXT,
                 temporary_metadata_name(save_id, probe),
                 sync=self.sync_files,
             )
-        except OSError as error:
-            log.warning(
-                "distcp: committed %s, but writing its %s (the marker that checkpoint "
-                "managers probe for) failed: %s",
+        except OSError as raised:
+            error = raised
+        if error is not None:
+            warn_after_commit(
                 self.path,
-                probe,
-                error,
+                f"writing its {probe} (the marker checkpoint managers probe for) failed: {error}",
             )
         referenced = {info.relative_path for info in storage_data.values()}
         try:
             self._remove_superseded(referenced)
         except OSError as error:
-            log.warning(
-                "distcp: committed %s; removing superseded files failed: %s", self.path, error
-            )
+            warn_after_commit(self.path, f"removing superseded files failed: {error}")
+        finally:
+            self.release()
 
     def _buckets(self, items: list[WriteItem]) -> list[list[WriteItem]]:
         """Split items over files: per item, or over one file per thread with
@@ -287,12 +308,28 @@ class FileSystemWriter(StorageWriter):
         and they may be committing at this moment. The probe is never removed."""
         own = f"-{self.rank:05d}-"
         rank = None if self.use_collectives else self.rank
-        for entry in os.scandir(self.path):
-            stale_data = is_data_file_name(entry.name) and entry.name not in referenced
-            if stale_data and rank is not None and own not in entry.name:
-                continue
-            if stale_data or is_temporary_metadata_name(entry.name, rank):
-                Path(entry.path).unlink(missing_ok=True)
+        failed: list[str] = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                stale_data = is_data_file_name(entry.name) and entry.name not in referenced
+                if stale_data and rank is not None and own not in entry.name:
+                    continue
+                if stale_data or is_temporary_metadata_name(entry.name, rank):
+                    try:
+                        Path(entry.path).unlink(missing_ok=True)
+                    except OSError as error:  # go on with the others
+                        failed.append(f"{entry.name}: {error}")
+        if failed:
+            raise OSError(f"{len(failed)} file(s) not removed: " + "; ".join(failed[:3]))
+
+
+def warn_after_commit(path: Path, problem: str) -> None:
+    """A failure after the commit point: logged and issued as a
+    :class:`CommitWarning`, never raised (the checkpoint at ``path`` is the
+    new one, and a caller told otherwise would retry or discard it)."""
+    message = f"distcp: committed {path}, but {problem}"
+    log.warning("%s", message)
+    warnings.warn(message, CommitWarning, stacklevel=3)
 
 
 def _item_data(item: WriteItem, planner: SavePlanner, stager: PinnedStager) -> StagedItem:

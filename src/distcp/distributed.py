@@ -75,8 +75,14 @@ class Coordinator:
         if self.distributed:
             group = process_group or dist.group.WORLD
             assert group is not None
-            self.group = timed_group(group, self.timeout)
             self.rank = dist.get_rank(group)
+            try:
+                self.group = timed_group(group, self.timeout)
+            except Exception as error:  # a rank died while the group was being made
+                raise DistributedCheckpointError(
+                    "setting up distcp's process group (a rank may have died)",
+                    {self.rank: sendable_error(error)},
+                ) from error
             self.world_size = dist.get_world_size(group)
         else:
             self.rank, self.world_size = 0, 1

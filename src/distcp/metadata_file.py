@@ -42,7 +42,7 @@ from distcp.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from distcp.tiling import MAX_SPLIT_DIMS, tiling_problem
+from distcp.tiling import tiling_problem
 from distcp.value_codec import decode_value, encode_value
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "decode_metadata", "encode_metadata", "is_safe_file_name"]
@@ -339,18 +339,8 @@ class _MetadataDecoder:
         problem = tiling_problem(
             [box.offsets for box in boxes], [box.sizes for box in boxes], tuple(shape)
         )
-        if problem is None:
-            return
-        if problem.kind == "overlap":
-            which = f"chunks {problem.pair[0]} and {problem.pair[1]}" if problem.pair else "chunks"
-            raise self.fail(f"{where}: {which} overlap")
-        if problem.kind == "gap":
-            numel = Box.full(tuple(shape)).numel
-            raise self.fail(f"{where}: chunks do not cover the tensor's {numel} elements")
-        raise self.fail(
-            f"{where}: the chunk layout is split along more than {MAX_SPLIT_DIMS} dimensions "
-            "in a way too costly to verify"
-        )
+        if problem is not None:
+            raise self.fail(f"{where}: {problem.describe(Box.full(tuple(shape)).numel)}")
 
     def _opaque(self, value: Any, name: str) -> Any:
         if value is None:

@@ -16,9 +16,10 @@ check switches to corner counting, which holds in every dimension:
 ``k`` is the number of dimensions along which some chunk is not the whole
 extent; only those need corners. Each chunk then costs ``2^k`` corners and the
 sums are found by sorting (no hashing, so no hash flooding): O(n 2^k log n).
-Layouts split along more than :data:`MAX_SPLIT_DIMS` dimensions with a
-super-linear sweep are refused as too complex to verify; no real sharding
-comes near (meshes have at most a few dimensions).
+A layout split along more than :data:`MAX_SPLIT_DIMS` dimensions gets the
+sweep again with a larger, still linear, budget, and is refused as too
+complex to verify only if that runs out too; no real sharding comes near
+(meshes have at most a few dimensions).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = ["MAX_SPLIT_DIMS", "TilingProblem", "find_repeated", "tiling_problem"]
 MAX_SPLIT_DIMS: Final = 6
 _SWEEP_COMPARISONS_PER_CHUNK: Final = 2
 _SWEEP_COMPARISONS_BASE: Final = 1024
+_LAST_RESORT_COMPARISONS_PER_CHUNK: Final = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,21 @@ class TilingProblem:
     kind: Literal["overlap", "gap", "too-complex"]
     pair: tuple[int, int] | None = None
 
+    def describe(self, numel: int) -> str:
+        """The problem in words, for a tensor of ``numel`` elements."""
+        if self.kind == "overlap":
+            return (
+                f"chunks {self.pair[0]} and {self.pair[1]} overlap"
+                if self.pair
+                else ("chunks overlap")
+            )
+        if self.kind == "gap":
+            return f"chunks do not cover the tensor's {numel} elements"
+        return (
+            f"the chunk layout is split along more than {MAX_SPLIT_DIMS} dimensions in a "
+            "way too costly to verify"
+        )
+
 
 def tiling_problem(
     offsets: Sequence[tuple[int, ...]],
@@ -58,21 +75,28 @@ def tiling_problem(
     """None when the boxes ``(offsets[i], sizes[i])`` (valid boxes inside
     ``shape``, all of its ndim) cover every element of ``shape`` exactly
     once; else what is wrong."""
-    budget = _SWEEP_COMPARISONS_PER_CHUNK * len(offsets) + _SWEEP_COMPARISONS_BASE
     numel = math.prod(shape)
     covered = sum(map(math.prod, sizes))
     try:
-        pair = find_overlap_of(offsets, sizes, max_comparisons=budget)
+        pair = _sweep(offsets, sizes, _SWEEP_COMPARISONS_PER_CHUNK)
     except TooMuchWork:
         exact = _tiles_by_corners(offsets, sizes, shape)
-        if exact is None:
+        if exact is not None:
+            return None if exact else TilingProblem("overlap" if covered == numel else "gap")
+        try:
+            pair = _sweep(offsets, sizes, _LAST_RESORT_COMPARISONS_PER_CHUNK)
+        except TooMuchWork:
             return TilingProblem("too-complex")
-        if exact:
-            return None
-        return TilingProblem("overlap" if covered == numel else "gap")
     if pair is not None:
         return TilingProblem("overlap", pair)
     return None if covered == numel else TilingProblem("gap")
+
+
+def _sweep(
+    offsets: Sequence[tuple[int, ...]], sizes: Sequence[tuple[int, ...]], per_chunk: int
+) -> tuple[int, int] | None:
+    budget = per_chunk * len(offsets) + _SWEEP_COMPARISONS_BASE
+    return find_overlap_of(offsets, sizes, max_comparisons=budget)
 
 
 def find_repeated(offsets: Sequence[tuple[int, ...]]) -> tuple[int, int] | None:

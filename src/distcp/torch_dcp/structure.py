@@ -216,15 +216,8 @@ def _check_tiling(
     if find_repeated(offsets) is not None:
         raise context.fail(f"{where}: two chunks have the same offsets")
     problem = tiling_problem(offsets, sizes, shape)
-    if problem is None:
-        return
-    if problem.kind == "overlap":
-        which = f"chunks {problem.pair[0]} and {problem.pair[1]}" if problem.pair else "chunks"
-        raise context.fail(f"{where}: {which} overlap")
-    if problem.kind == "gap":
-        numel = math.prod(shape)
-        raise context.fail(f"{where}: the chunks do not cover the tensor's {numel} elements")
-    raise context.fail(f"{where}: the chunk layout is too costly to verify")
+    if problem is not None:
+        raise context.fail(f"{where}: {problem.describe(math.prod(shape))}")
 
 
 def _properties(context: _Context, value: Any, where: str) -> TensorProperties:

@@ -198,7 +198,7 @@ def value_codec(body: dict[str, Any]) -> None:
         (lambda body: chunk(body, "w").update(codec="lz4"), "unknown codec 'lz4'"),
         (lambda body: chunk(body, "w").update(codec=["zstd"]), r"unknown codec \['zstd'\]"),
         (lambda body: chunk(body, "w").update(codec=7), "unknown codec 7"),
-        (value_codec, "a value cannot carry a codec"),
+        (value_codec, "a value cannot be zstd"),
         (as_long_as_raw, "not shorter than its 16384 raw bytes"),
     ],
 )

@@ -371,14 +371,14 @@ def test_unedited_reencoded_metadata_loads(ckpt: Path) -> None:
     assert len(FileSystemReader(ckpt).read_metadata().state_dict_metadata["w"].chunks) == 2  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFFFFFF])
+@pytest.mark.parametrize("version", [0, 3, 0xFFFFFFFF])
 def test_unknown_version_in_header_is_refused(ckpt: Path, version: int) -> None:
     write_metadata(ckpt, read_body(ckpt), version=version)
     with (
         recorded_opens() as opened,
         pytest.raises(
             CheckpointFormatError,
-            match=rf"has format version {version}; this distcp reads version 1\. Upgrade distcp",
+            match=rf"has format version {version}; this distcp reads versions 1, 2\. Upgrade",
         ),
     ):
         FileSystemReader(ckpt).read_metadata()

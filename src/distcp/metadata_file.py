@@ -27,7 +27,7 @@ import crc32c
 import msgpack
 import torch
 
-from distcp.codecs import CODECS
+from distcp.codecs import EXTENSION_PREFIX, ZSTD, is_known_codec
 from distcp.dtypes import dtype_from_name, dtype_name
 from distcp.errors import CheckpointError, CheckpointFormatError
 from distcp.geometry import Box
@@ -49,6 +49,12 @@ __all__ = ["FORMAT_VERSION", "MAGIC", "decode_metadata", "encode_metadata", "is_
 
 MAGIC = b"\x89DCP\r\n\x1a\n"
 FORMAT_VERSION = 1
+TRANSFORM_VERSION = 2
+"""Version 2 is version 1 plus items stored through a user's stream transform
+(codec ``ext:<descriptor>``), written only by saves that use one: a reader that
+predates it would take such an item's bytes for raw ones (a transform may keep
+the length), so it must refuse the file by its version instead."""
+READABLE_VERSIONS = (FORMAT_VERSION, TRANSFORM_VERSION)
 _HEADER = struct.Struct("<8sIIQ")
 CHECKSUM_ALGORITHM = "crc32c"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
@@ -90,15 +96,12 @@ def encode_metadata(metadata: Metadata, *, save_id: str, world_size: int) -> byt
             "crc32c": list(info.checksums),
         }
         if info.codec is not None:
-            if index.offset is None:
+            if index.offset is None and info.codec == ZSTD:
                 raise CheckpointFormatError(
-                    f"key {key!r}: a value's bytes cannot carry a codec ({info.codec!r}); "
-                    "only tensor chunks are compressed"
+                    f"key {key!r}: a value's bytes cannot be zstd; only tensor chunks are"
                 )
-            if info.codec not in CODECS:
-                raise CheckpointFormatError(
-                    f"key {key!r}: unknown codec {info.codec!r} (known: {sorted(CODECS)})"
-                )
+            if not is_known_codec(info.codec):
+                raise CheckpointFormatError(f"key {key!r}: unknown codec {info.codec!r}")
             where["codec"] = info.codec
         return where
 
@@ -138,7 +141,9 @@ def encode_metadata(metadata: Metadata, *, save_id: str, world_size: int) -> byt
         "storage_meta": _encode_storage_meta(metadata.storage_meta),
     }
     payload: bytes = msgpack.packb(body, use_bin_type=True)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, crc32c.crc32c(payload), len(payload))
+    transformed = any((info.codec or "").startswith(EXTENSION_PREFIX) for info in storage.values())
+    version = TRANSFORM_VERSION if transformed else FORMAT_VERSION
+    header = _HEADER.pack(MAGIC, version, crc32c.crc32c(payload), len(payload))
     return header + payload
 
 
@@ -154,10 +159,10 @@ def decode_metadata(data: bytes, *, source: str) -> tuple[Metadata, dict[str, in
             "checkpoint, load it with torch.distributed.checkpoint or convert it."
         )
     _, version, checksum, length = _HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointFormatError(
-            f"{source} has format version {version}; this distcp reads version "
-            f"{FORMAT_VERSION}. Upgrade distcp to read it."
+            f"{source} has format version {version}; this distcp reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade distcp to read it."
         )
     payload = data[_HEADER.size :]
     if len(payload) != length:
@@ -170,14 +175,15 @@ def decode_metadata(data: bytes, *, source: str) -> tuple[Metadata, dict[str, in
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:
         raise CheckpointFormatError(f"{source}: metadata body does not decode: {exc}") from exc
-    return _MetadataDecoder(source).decode(body)
+    return _MetadataDecoder(source, version).decode(body)
 
 
 class _MetadataDecoder:
     """Checks a decoded body field by field, naming the field in every error."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, version: int = FORMAT_VERSION) -> None:
         self.source = source
+        self.version = version
 
     def fail(self, message: str) -> CheckpointFormatError:
         return CheckpointFormatError(f"{self.source}: {message}")
@@ -253,12 +259,19 @@ class _MetadataDecoder:
             if any(c >= 1 << 32 for c in checksums):
                 raise self.fail(f"{where}: crc32c values must be 32-bit unsigned integers")
             codec = record.get("codec")  # optional, absent in checkpoints before it existed
-            if codec is not None and not chunk:
-                raise self.fail(f"{where}: a value cannot carry a codec ({codec!r})")
-            if codec is not None and (not isinstance(codec, str) or codec not in CODECS):
+            if codec is not None and not is_known_codec(codec):
                 raise self.fail(
-                    f"{where}: unknown codec {codec!r} (this distcp knows {sorted(CODECS)})"
+                    f"{where}: unknown codec {codec!r:.80} (this distcp knows 'zstd' and "
+                    "'ext:<descriptor>')"
                 )
+            transformed = isinstance(codec, str) and codec.startswith(EXTENSION_PREFIX)
+            if transformed and self.version < TRANSFORM_VERSION:
+                raise self.fail(
+                    f"{where}: codec {codec!r} needs format version {TRANSFORM_VERSION}, "
+                    f"the header says {self.version}"
+                )
+            if codec == ZSTD and not chunk:
+                raise self.fail(f"{where}: a value cannot be zstd ({codec!r})")
             return StorageInfo(name, offset, length, tuple(checksums), block_size, codec)
 
         for n, record in enumerate(self.get(body, "entries", list, "metadata")):
@@ -295,7 +308,7 @@ class _MetadataDecoder:
                         f"{chunk_where}: {info.length} bytes stored, but "
                         f"{box.numel} × {dtype} needs {raw_length}"
                     )
-                if info.codec is not None and info.length >= raw_length:
+                if info.codec == ZSTD and info.length >= raw_length:
                     raise self.fail(
                         f"{chunk_where}: a {info.codec} chunk of {info.length} bytes is not "
                         f"shorter than its {raw_length} raw bytes (writers store those raw)"
@@ -315,7 +328,7 @@ class _MetadataDecoder:
             planner_data=self._opaque(body.get("planner_data"), "planner_data"),
             storage_data=storage,
             storage_meta=self._storage_meta(body.get("storage_meta"), save_id),
-            version=str(FORMAT_VERSION),
+            version=str(self.version),
         )
         return metadata, sizes
 

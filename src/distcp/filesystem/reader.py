@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from distcp import knobs
-from distcp.codecs import decompress
+from distcp.codecs import decode_stored
 from distcp.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -84,8 +84,9 @@ class FileSystemReader(StorageReader):
         verify_checksums: bool = True,
     ) -> None:
         require_little_endian()
-        # DCP's registry of stream transforms: distcp's metadata names each
-        # chunk's codec itself (distcp.codecs), so the registry is not needed.
+        # DCP's registry of stream transforms: zstd is built in; a chunk or value
+        # written through another transform (codec "ext:<descriptor>") decodes
+        # only through an extension registered here (distcp.codecs).
         self._extension_registry = _extension_registry
         self.load_id = new_save_id()
         self.path = Path(path)
@@ -324,20 +325,29 @@ class FileSystemReader(StorageReader):
         planner: LoadPlanner,
         lock: threading.Lock,
     ) -> None:
-        """A zstd chunk: read whole, verify its stored bytes, decompress, then
-        copy each needed region out (:mod:`distcp.codecs`)."""
+        """A chunk stored with a codec (zstd, a stream transform): read whole,
+        verify its stored bytes, decode, then copy each needed region out
+        (:mod:`distcp.codecs`)."""
         stored = bytearray(info.length)
         mappings.get(info.relative_path).read_into(memoryview(stored), info.offset)
         path = str(self.path / info.relative_path)
         if self.verify_checksums:
             bad = checksum_mismatch(memoryview(stored), 0, info.checksums, info.checksum_block_size)
             if bad is not None:
-                raise checksum_error(path, index, info, bad, detail=" (a zstd chunk)")
+                raise checksum_error(path, index, info, bad, detail=f" (a {info.codec} chunk)")
         dtype = entry.properties.dtype
         numel = 1
         for size in sizes:
             numel *= size
-        raw = decompress(stored, numel * dtype.itemsize, file=path, offset=info.offset)
+        assert info.codec is not None
+        raw = decode_stored(
+            info.codec,
+            stored,
+            numel * dtype.itemsize,
+            registry=self._extension_registry,
+            file=path,
+            offset=info.offset,
+        )
         whole = (
             torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(sizes)
             if numel
@@ -377,6 +387,17 @@ class FileSystemReader(StorageReader):
             if bad is not None:
                 raise checksum_error(str(file.path), index, info, bad)
             self.report.add(verified=info.length)
+        if info.codec is not None:  # a stream transform over every item
+            data = bytearray(
+                decode_stored(
+                    info.codec,
+                    data,
+                    None,
+                    registry=self._extension_registry,
+                    file=str(file.path),
+                    offset=info.offset,
+                )
+            )
         for item in items:
             with lock:
                 planner.load_bytes(item, io.BytesIO(bytes(data)))

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 from distcp import knobs
-from distcp.codecs import codec_for_extensions, compress
+from distcp.codecs import codec_for_extensions
 from distcp.errors import (
     CheckpointArgumentError,
     CheckpointError,
@@ -75,9 +75,11 @@ class FileSystemWriter(StorageWriter):
             always reuses its staging arena.
         overwrite: replace a committed checkpoint at ``path``; with False, a save
             into a committed checkpoint raises :class:`CheckpointExistsError`.
-        _extensions: DCP's stream transforms. ``[ZStandard()]`` stores each tensor
-            chunk as one zstd frame (raw where that is not smaller; values stay raw);
-            any other extension raises naming it. See :mod:`distcp.codecs`.
+        _extensions: DCP's stream transforms, one at most. ``[ZStandard()]`` stores
+            each tensor chunk as one zstd frame (raw where that is not smaller; values
+            stay raw); any other ``StreamTransformExtension`` is applied to every item,
+            and loading needs ``FileSystemReader(_extension_registry=...)`` holding it.
+            See :mod:`distcp.codecs`.
         serialization_format: DCP's choice between ``torch.save`` and
             safetensors framing of each tensor. distcp writes raw bytes either
             way; only the default is accepted, ``SAFETENSORS`` raises naming
@@ -119,7 +121,7 @@ class FileSystemWriter(StorageWriter):
         self.per_thread_copy_ahead = per_thread_copy_ahead
         self.cache_staged_state_dict = cache_staged_state_dict
         self.overwrite = overwrite
-        self.codec = codec_for_extensions(_extensions)
+        self._codec = codec_for_extensions(_extensions)
         self.checksum_block_size = checksum_block_size
         self.rank = 0
         self.is_coordinator = False
@@ -157,6 +159,12 @@ class FileSystemWriter(StorageWriter):
                 "overwrite=False; choose another path or pass FileSystemWriter(path, "
                 "overwrite=True)"
             )
+
+    @property
+    def codec(self) -> str | None:
+        """The codec items are stored with (docs/format.md §2): ``"zstd"``,
+        ``"ext:<descriptor>"`` for another stream transform, or None."""
+        return None if self._codec is None else self._codec.name
 
     def release(self) -> None:
         """End this writer's hold on its directory (the lock a committing rank
@@ -273,13 +281,13 @@ class FileSystemWriter(StorageWriter):
                     upcoming.append(_item_data(items[n + 1], planner, stager))
                 data = upcoming.pop(0).ready()
                 _check_size(item, data)
-                codec = self.codec if item.type != WriteItemType.BYTE_IO else None
-                if codec is not None:
-                    packed = compress(data)
-                    if len(packed) < len(data):
-                        data = memoryview(packed)
-                    else:  # incompressible: stored raw, so a codec chunk is always shorter
-                        codec = None
+                codec: str | None = None
+                if self._codec is not None and (
+                    item.type != WriteItemType.BYTE_IO or self._codec.values_too
+                ):
+                    encoded = self._codec.encode(data)
+                    if encoded is not None:  # else stored raw (zstd that did not shrink)
+                        data, codec = memoryview(encoded), self._codec.name
                 padding = -position % knobs.CHUNK_ALIGNMENT
                 if padding:
                     file.write(bytes(padding))

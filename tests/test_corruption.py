@@ -531,7 +531,7 @@ def expected_header_error(position: int, original: bytes, bit: int) -> str:
         return r"is not a distcp metadata file \(bad magic\)"
     if position < 12:
         version = 1 ^ (1 << (bit + 8 * (position - 8)))
-        return rf"has format version {version}; this distcp reads version 1"
+        return rf"has format version {version}; this distcp reads versions 1, 2\."
     if position < 16 or position >= 24:
         return r"metadata checksum mismatch \(corrupt metadata\)"
     (length,) = struct.unpack_from("<Q", original, 16)

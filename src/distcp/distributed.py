@@ -202,16 +202,17 @@ class Coordinator:
             _forget(self.group)  # broken now: the next save or load makes a new one
             missing = _missing_ranks(str(error)) if self.rank == 0 else None
             if missing:
-                who = f"rank(s) {', '.join(map(str, missing))} did not arrive (died, or hung"
+                who = f"rank(s) {', '.join(map(str, missing))} did not arrive"
             else:
                 missing = [0]
                 who = (
-                    "rank 0 did not confirm that every rank arrived (it, or a rank it "
-                    "waited for, died or hung: rank 0's error names which; or hung"
+                    "rank 0 did not confirm that every rank arrived (rank 0, or a rank it "
+                    "waited for, died or hung; rank 0's error names which)"
                 )
             failure = CollectiveTimeoutError(
-                f"{step}: {who} past {self.timeout:g} s, distcp's collective timeout: "
-                "timeout= of save/load, or DISTCP_COLLECTIVE_TIMEOUT)",
+                f"{step}: {who} within {self.timeout:g} s (distcp's collective timeout: "
+                "timeout= of save/load, or DISTCP_COLLECTIVE_TIMEOUT; a rank that died "
+                "is reported at once)",
                 {self.rank: sendable_error(error)},
                 missing,
             )

@@ -199,3 +199,23 @@ def test_distcp_save_still_works_after_a_timeout(tmp_path: Path, rank_pool: Pool
         warnings.simplefilter("ignore")
         results = rank_pool(3).run(hung_rank_save, str(tmp_path), -1, timeout_s=120)
     assert [kind for kind, _, _ in results] == ["saved"] * 3
+
+
+def test_a_retry_inside_the_except_block_of_a_failed_torch_driven_save(tmp_path: Path) -> None:
+    """torch's dcp.save has no hook for a failed save, and the traceback keeps
+    the failed writer alive during a retry: this process's new save takes the
+    lock over instead of reporting itself as a concurrent save."""
+    import torch.distributed.checkpoint as torch_dcp
+
+    class Failing(torch_dcp.DefaultSavePlanner):
+        def resolve_data(self, write_item: Any) -> Any:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+    writer = distcp.FileSystemWriter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch_dcp.save({"x": torch.ones(4)}, storage_writer=writer, planner=Failing())
+        except BaseException:
+            save_value(tmp_path, 8.0)  # `writer` (and its lock) is still alive here
+    assert value_at(tmp_path) == 8.0

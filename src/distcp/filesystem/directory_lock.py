@@ -9,7 +9,11 @@ its end; a second save finds it held and fails at once with
 :class:`ConcurrentSaveError` naming the holder, before writing anything.
 
 The kernel releases the lock when its holder exits, however it exits, so a
-crashed save never leaves a stale lock. The lock file itself stays (deleting
+crashed save never leaves a stale lock. Within one process a new save takes
+the lock over from an earlier one that failed without releasing it (a
+writer driven by torch's ``dcp.save``, which has no hook for a failed save,
+still referenced by the traceback of a retry): the lock tells processes apart,
+not saves of one process. The lock file itself stays (deleting
 it would race another save opening it); readers ignore it. On a file system
 without locks (``ENOLCK``, ``EOPNOTSUPP``) the save goes on unprotected, with
 a warning in the log.
@@ -32,6 +36,9 @@ from distcp.errors import ConcurrentSaveError
 __all__ = ["DirectoryLock", "lock_file_name"]
 
 log = logging.getLogger("distcp")
+
+#: The lock this process holds on each lock file (by real path), if any.
+_held_here: weakref.WeakValueDictionary[str, DirectoryLock] = weakref.WeakValueDictionary()
 
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -62,8 +69,12 @@ class DirectoryLock:
     def acquire(self, path: Path) -> None:
         """Take the lock at ``path`` (a lock file), releasing any lock this
         object held before; raises :class:`ConcurrentSaveError` if another
-        save holds it."""
+        process holds it."""
         self.release()
+        key = os.path.realpath(path)
+        earlier = _held_here.get(key)
+        if earlier is not None and earlier is not self:
+            earlier.release()  # a failed save of this process that never released it
         fd = os.open(path, _FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,6 +101,7 @@ class DirectoryLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now}\n".encode(), 0)
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)  # a writer dropped mid-save
+        _held_here[key] = self
 
     def release(self) -> None:
         """Let the next save in (closing the descriptor drops the flock)."""

@@ -51,6 +51,7 @@ from distcp.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
 from distcp.storage import StorageReader, StorageWriter, WriteResult, wait_future
+from distcp.storage_roles import JointlyVerifyingReader, ReleasingWriter
 
 __all__ = ["CheckpointException", "load", "load_state_dict", "save", "save_state_dict"]
 
@@ -371,9 +372,9 @@ def plan_save(
 
 
 def release_storage(writer: StorageWriter) -> None:
-    """A save has ended, committed or not: distcp's writer lets the next save
-    into its directory (a foreign writer has nothing to release)."""
-    if isinstance(writer, FileSystemWriter):
+    """A save has ended, committed or not: a writer that holds something for
+    the save (distcp's: the directory's lock) lets it go."""
+    if isinstance(writer, ReleasingWriter):
         writer.release()
 
 
@@ -444,7 +445,7 @@ def _load_paused(
     def local_plan() -> LoadPlan:
         metadata, use_collectives = read_metadata(reader, ranks.rank)
         planner.set_up_planner(resolved, metadata, ranks.is_coordinator)
-        if isinstance(reader, FileSystemReader):  # distcp.load verifies split blocks jointly
+        if isinstance(reader, JointlyVerifyingReader):  # split blocks verified jointly
             reader.set_up_storage_reader(
                 metadata,
                 ranks.is_coordinator,
@@ -468,10 +469,12 @@ def _load_paused(
     def read() -> dict[BlockKey, int]:
         final_plan = planner.finish_plan(central_plan)
         wait_future(reader.read_data(final_plan, planner))
-        return reader.masked_checksums() if isinstance(reader, FileSystemReader) else {}
+        if isinstance(reader, JointlyVerifyingReader):
+            return dict(reader.masked_checksums())
+        return {}
 
     masked = ranks.all_gather("reading the checkpoint", read)
-    if isinstance(reader, FileSystemReader):
+    if isinstance(reader, JointlyVerifyingReader):
         reader.verify_split_blocks(masked)  # same outcome on every rank: all see all
     for key in sorted(state_dict):  # the same order on every rank, whatever each dict's
         value = state_dict[key]

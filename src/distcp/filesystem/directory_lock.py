@@ -62,10 +62,6 @@ class DirectoryLock:
         lock stays with the process that commits."""
         return (DirectoryLock, ())
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self, path: Path) -> None:
         """Take the lock at ``path`` (a lock file), releasing any lock this
         object held before; raises :class:`ConcurrentSaveError` if another

@@ -56,6 +56,7 @@ from distcp.errors import (
     UnsupportedStorageError,
     UnsupportedValueError,
 )
+from distcp._fsspec_filesystem import FsspecReader, FsspecWriter
 from distcp.filesystem import FileSystemReader, FileSystemWriter, LoadReport
 from distcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from distcp.load_planner import DefaultLoadPlanner
@@ -108,6 +109,8 @@ __all__ = [
     "DtypeMismatchError",
     "FileSystemReader",
     "FileSystemWriter",
+    "FsspecReader",
+    "FsspecWriter",
     "HuggingFaceStorageReader",
     "HuggingFaceStorageWriter",
     "IncompleteCheckpointError",

@@ -38,7 +38,6 @@ from distcp.errors import (
     CommitWarning,
     DistributedCheckpointError,
     IncompleteCheckpointError,
-    UnsupportedStorageError,
 )
 from distcp.filesystem.block_verification import BlockKey
 from distcp.filesystem.reader import FileSystemReader
@@ -171,43 +170,21 @@ def load_state_dict(
 
 def storage_for(given: Any, checkpoint_id: Any, default: type, name: str) -> Any:
     """The storage a call uses: ``given`` (reset to ``checkpoint_id``), or
-    distcp's own file-system storage at ``checkpoint_id``.
-
-    A URL (``s3://…``, ``gs://…``, ``memory://…``) is never taken as a local
-    directory: ``file://`` URLs become their path, any other scheme raises
-    :class:`UnsupportedStorageError` naming the storage that handles it.
-    """
+    distcp's own storage at ``checkpoint_id``: a local directory, or, for a
+    URL (``s3://…``, ``gs://…``, ``memory://…``), the fsspec store of its
+    protocol (:mod:`distcp.stores`)."""
     if given is None:
         if checkpoint_id is None:
             raise CheckpointArgumentError(
-                f"pass checkpoint_id (a checkpoint directory) or a {name}; neither was given"
+                f"pass checkpoint_id (a checkpoint directory or URL) or a {name}; neither was given"
             )
-        return default(_local_path(checkpoint_id, name))
-    if isinstance(given, (FileSystemWriter, FileSystemReader)) and checkpoint_id is not None:
-        checkpoint_id = _local_path(checkpoint_id, name)
+        if not isinstance(checkpoint_id, (str, os.PathLike)):
+            raise CheckpointArgumentError(
+                f"checkpoint_id must be a path or a string, got {type(checkpoint_id).__name__}"
+            )
+        return default(checkpoint_id)
     given.reset(checkpoint_id)
     return given
-
-
-def _local_path(checkpoint_id: Any, name: str) -> Any:
-    text = os.fspath(checkpoint_id) if isinstance(checkpoint_id, os.PathLike) else checkpoint_id
-    if not isinstance(text, str):
-        raise CheckpointArgumentError(
-            f"checkpoint_id must be a path or a string, got {type(checkpoint_id).__name__}"
-        )
-    scheme, separator, rest = text.partition("://")
-    if not separator or "/" in scheme or not scheme.replace("+", "").replace("-", "").isalnum():
-        return checkpoint_id
-    if scheme == "file":
-        return rest
-    reader = name == "storage_reader"
-    torch_class = "FsspecReader" if reader else "FsspecWriter"
-    raise UnsupportedStorageError(
-        f"checkpoint_id {text!r} is a {scheme}:// URL; distcp's own storage writes local "
-        "directories only (object storage is planned). Pass "
-        f"{name}=torch.distributed.checkpoint.{torch_class}({text!r}) to use torch's fsspec "
-        "storage (torch DCP's format) through distcp, or a local path"
-    )
 
 
 def _coordinator(

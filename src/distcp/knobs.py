@@ -41,3 +41,40 @@ WRITEBACK_EVERY = 16 << 20
 #: rank's write of its share of a large state); ``timeout=`` of
 #: save/load/async_save sets it per call, ``DISTCP_COLLECTIVE_TIMEOUT`` here.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("DISTCP_COLLECTIVE_TIMEOUT", "600"))
+
+# --- object stores (distcp.stores.fsspec_store) ---
+
+
+def _env_bytes(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+#: Bytes of each part of a multipart upload of a data object (S3 and
+#: S3-compatible stores; at least 5 MiB there). The part size doubles every
+#: 1,000 parts, so an object stays within S3's 10,000 parts up to ~85 TiB.
+#: ``DISTCP_UPLOAD_PART_SIZE``.
+UPLOAD_PART_SIZE = _env_bytes("DISTCP_UPLOAD_PART_SIZE", 16 << 20)
+
+#: Parts of one data object uploading at once; with the part being filled,
+#: a writer thread holds at most ``(UPLOAD_CONCURRENCY + 1) × UPLOAD_PART_SIZE``
+#: bytes. ``DISTCP_UPLOAD_CONCURRENCY``.
+UPLOAD_CONCURRENCY = _env_bytes("DISTCP_UPLOAD_CONCURRENCY", 4)
+
+#: Ranged reads from an object store in flight at once per rank.
+#: ``DISTCP_READ_CONCURRENCY``.
+READ_CONCURRENCY = _env_bytes("DISTCP_READ_CONCURRENCY", 16)
+
+#: Largest single ranged read; a longer range is split into reads of this size
+#: that run in parallel. ``DISTCP_READ_PART_SIZE``.
+READ_PART_SIZE = _env_bytes("DISTCP_READ_PART_SIZE", 16 << 20)
+
+#: Neighbouring ranges of one object closer than this are fetched as one read
+#: (the gap is transferred and counted): a request costs far more than a few
+#: KiB of transfer. ``DISTCP_COALESCE_GAP``.
+COALESCE_GAP = _env_bytes("DISTCP_COALESCE_GAP", 64 << 10)
+
+#: Bytes a rank fetches from an object store ahead of decoding them: the next
+#: batch of chunks is fetched while the current one is verified and copied, so
+#: about twice this is held at once (or one chunk's needed bytes, if larger).
+#: ``DISTCP_FETCH_BATCH``.
+FETCH_BATCH = _env_bytes("DISTCP_FETCH_BATCH", 128 << 20)

@@ -41,11 +41,11 @@ import torch
 
 from distcp import knobs
 from distcp.filesystem.block_verification import BlockKey, block_length, checksum_error
-from distcp.filesystem.file_mappings import OpenFile
 from distcp.filesystem.load_report import LoadReport
 from distcp.filesystem.tensor_bytes import checksum_mismatch, writable_bytes
 from distcp.geometry import Box, byte_runs, is_contiguous, strides_for
 from distcp.metadata import MetadataIndex, StorageInfo
+from distcp.stores.base import DataSource
 
 __all__ = ["ChunkReader", "ReadTarget"]
 
@@ -78,7 +78,7 @@ class ChunkReader:
 
     def __init__(
         self,
-        mapped: OpenFile,
+        mapped: DataSource,
         index: MetadataIndex,
         info: StorageInfo,
         dtype: torch.dtype,
@@ -141,6 +141,32 @@ class ChunkReader:
         elif masked:
             report.add(pending_verified=distinct_bytes)
         return masked
+
+    def needed_spans(self, targets: list[ReadTarget]) -> list[tuple[int, int]]:
+        """The ``[start, end)`` byte ranges of the chunk that :meth:`read` of
+        ``targets`` touches: what a store that is not mapped must fetch first.
+        The regions' own bytes, plus, when verifying, the whole checksum
+        blocks read only to verify them (as :meth:`read` counts them)."""
+        live = [t for t in targets if not t.region.is_empty]
+        if not live or self.row_bytes == 0:
+            return []
+        if len({t.region for t in live}) == len(live) and all(
+            self._lands_directly(t) for t in live
+        ):
+            return [self._byte_span(t.region) for t in live]
+        if self._whole_and_small(live) or not self.sizes:
+            return [(0, self.info.length)]
+        spans = [
+            (offset, offset + length)
+            for region in {t.region for t in live}
+            for offset, length in byte_runs(self.sizes, region, self.itemsize)
+        ]
+        if self.verify:
+            blocks = _BlockPlan(self, [self._place(t) for t in live])
+            for number in blocks.whole:
+                start = number * self.block
+                spans.append((start, start + block_length(self.info, number)))
+        return spans
 
     def _byte_span(self, region: Box) -> tuple[int, int]:
         """Offsets in the chunk of the region's first byte and just past its last."""

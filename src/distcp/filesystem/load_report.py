@@ -18,6 +18,8 @@ class LoadReport:
     beneath either). ``bytes_verified``: bytes read whose checksums were
     verified. ``split_blocks``: checksum blocks this rank read in part and
     verified together with other ranks (their masked crcs).
+    ``bytes_fetched``: bytes transferred from a store that is not mapped (an
+    object store), neighbouring ranges coalesced; 0 on local disk.
     """
 
     bytes_needed: int = 0
@@ -25,6 +27,7 @@ class LoadReport:
     bytes_verified: int = 0
     items: int = 0
     split_blocks: int = 0
+    bytes_fetched: int = 0
     pending_verified: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -37,6 +40,7 @@ class LoadReport:
         items: int = 0,
         split_blocks: int = 0,
         pending_verified: int = 0,
+        fetched: int = 0,
     ) -> None:
         with self._lock:
             self.bytes_needed += needed
@@ -45,6 +49,7 @@ class LoadReport:
             self.items += items
             self.split_blocks += split_blocks
             self.pending_verified += pending_verified
+            self.bytes_fetched += fetched
 
     def settle(self) -> None:
         """The split blocks were verified across ranks: count their bytes."""

@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from distcp.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    UnsupportedStorageError,
 )
 from distcp.filesystem.block_verification import (
     BlockKey,
@@ -38,10 +40,13 @@ from distcp.filesystem.block_verification import (
     verify_masked_crcs,
 )
 from distcp.filesystem.chunk_reader import ChunkReader, ReadTarget
-from distcp.filesystem.file_mappings import FileMappings, OpenFile
-from distcp.filesystem.layout import METADATA_FILE_NAME, metadata_file_name, new_save_id
+from distcp.filesystem.layout import (
+    METADATA_FILE_NAME,
+    PROBE_FILE_NAME,
+    metadata_file_name,
+    new_save_id,
+)
 from distcp.filesystem.load_report import LoadReport
-from distcp.filesystem.safe_open import read_regular_file
 from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
 from distcp.geometry import Box
 from distcp.metadata import (
@@ -54,6 +59,8 @@ from distcp.metadata import (
 from distcp.metadata_file import decode_metadata
 from distcp.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from distcp.storage import StorageReader, done_future
+from distcp.stores import ByteStore, LocalStore, split_url, store_for
+from distcp.stores.base import DataSource, SourceSet
 from distcp.torch_dcp import TorchDcpCheckpoint, is_torch_dcp_checkpoint
 
 __all__ = ["FileSystemReader", "LoadReport"]
@@ -65,23 +72,29 @@ _RELEASE_EVERY = 8 << 20
 
 
 class FileSystemReader(StorageReader):
-    """Reads a checkpoint from a directory.
+    """Reads a checkpoint from a directory, or from any store's location
+    (:mod:`distcp.stores`).
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory; also a URL (``s3://…``, ``memory://…``;
+            see :class:`distcp.FsspecReader`) or a :class:`distcp.stores.ByteStore`.
         thread_count: reader threads per rank.
         verify_checksums: verify the crc32c of every block read (default). A block
             split between ranks is verified jointly from their masked crcs; a
             block only partly needed otherwise is read whole to verify it.
+        storage_options: for a URL, passed to its fsspec file system.
     """
+
+    _use_fsspec = False
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | ByteStore,
         _extension_registry: Any = None,
         *,
         thread_count: int = knobs.DEFAULT_THREAD_COUNT,
         verify_checksums: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         require_little_endian()
         # DCP's registry of stream transforms: zstd is built in; a chunk or value
@@ -89,7 +102,8 @@ class FileSystemReader(StorageReader):
         # only through an extension registered here (distcp.codecs).
         self._extension_registry = _extension_registry
         self.load_id = new_save_id()
-        self.path = Path(path)
+        self.storage_options = storage_options
+        self.store = self._store_at(path)
         self.thread_count = max(1, thread_count)
         self.verify_checksums = verify_checksums
         self.metadata: Metadata | None = None
@@ -99,9 +113,18 @@ class FileSystemReader(StorageReader):
         self._torch_dcp: TorchDcpCheckpoint | None = None  # set when the path is torch DCP's
         self._joint_verification = False
 
+    def _store_at(self, location: str | os.PathLike[str] | ByteStore) -> ByteStore:
+        return store_for(location, self.storage_options, use_fsspec=self._use_fsspec)
+
+    @property
+    def path(self) -> Path | str:
+        """The checkpoint's location: a directory, or a URL for other stores."""
+        store = self.store
+        return store.path if isinstance(store, LocalStore) else store.location
+
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.store = self._store_at(checkpoint_id)
         self.load_id = new_save_id()
         self.metadata = None
         self.report = LoadReport()
@@ -110,34 +133,55 @@ class FileSystemReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return Path(checkpoint_id).is_dir()
+        if isinstance(checkpoint_id, ByteStore):
+            return True
+        scheme, rest = split_url(os.fspath(checkpoint_id))
+        return scheme not in (None, "file") or Path(rest).is_dir()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if not self.path.exists():
-            raise CheckpointNotFoundError(f"no checkpoint at {self.path}: the path does not exist")
-        rank = kwargs.get("rank")
-        metadata_path = self.path / metadata_file_name(rank)
+        store = self.store
+        if not store.holds_anything():
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {store.location}: the path does not exist"
+            )
+        name = metadata_file_name(kwargs.get("rank"))
         self._torch_dcp = None
-        if not os.path.lexists(metadata_path):
-            if not self.path.is_dir():
-                raise CheckpointNotFoundError(f"{self.path} is not a checkpoint directory")
+        try:
+            payload = store.read_whole(name, "metadata file")
+        except FileNotFoundError:
             # --- a checkpoint written by torch DCP: distcp.torch_dcp reads it ---
-            if is_torch_dcp_checkpoint(self.path):
-                self._torch_dcp = TorchDcpCheckpoint(self.path, thread_count=self.thread_count)
+            self._torch_dcp = self._torch_dcp_checkpoint()
+            if self._torch_dcp is not None:
                 self.metadata = self._torch_dcp.metadata
                 return self.metadata
             raise IncompleteCheckpointError(
-                f"{self.path} holds no committed checkpoint ({METADATA_FILE_NAME} is missing): "
+                f"{store.location} holds no committed checkpoint ({name} is missing): "
                 "a save into it did not finish, so its data files are not loadable."
-            )
-        metadata, self._file_sizes = decode_metadata(
-            read_regular_file(metadata_path, "metadata file"), source=str(metadata_path)
-        )
+            ) from None
+        metadata, self._file_sizes = decode_metadata(payload, source=store.describe(name))
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         self.metadata = metadata
         return metadata
+
+    def _torch_dcp_checkpoint(self) -> TorchDcpCheckpoint | None:
+        """The torch DCP checkpoint at a location without distcp metadata, if
+        it holds one; raises when there is no checkpoint there at all."""
+        store = self.store
+        if isinstance(store, LocalStore):
+            if not store.path.is_dir():
+                raise CheckpointNotFoundError(f"{store.path} is not a checkpoint directory")
+            if is_torch_dcp_checkpoint(store.path):
+                return TorchDcpCheckpoint(store.path, thread_count=self.thread_count)
+        elif store.exists(PROBE_FILE_NAME):
+            raise UnsupportedStorageError(
+                f"{store.location} holds a torch DCP checkpoint ({PROBE_FILE_NAME} without "
+                f"{METADATA_FILE_NAME}); distcp reads torch DCP's format from local "
+                "directories. Load it with storage_reader="
+                "torch.distributed.checkpoint.FsspecReader(url), or copy it to a local directory"
+            )
+        return None
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -188,42 +232,16 @@ class FileSystemReader(StorageReader):
         if not isinstance(verification, VerificationPlan):
             verification = VerificationPlan()  # no joint plan: verify every block alone
 
-        planner_lock = threading.Lock()
-        mappings = FileMappings(self.path)
+        lock = threading.Lock()
+        sources = self.store.open_sources()
         try:
-            self._check_files(mappings, {storage[index].relative_path for index in by_item})
-        except BaseException:
-            mappings.close()
-            raise
-
-        def read_bucket(bucket: list[tuple[MetadataIndex, list[ReadItem]]]) -> dict[BlockKey, int]:
-            masked: dict[BlockKey, int] = {}
-            behind: tuple[str, int] | None = None  # (file, offset): pages before it are done
-            for index, items in bucket:
-                info = storage[index]
-                masked.update(
-                    self._read_chunk(
-                        mappings, index, info, items, planner, planner_lock, verification
-                    )
-                )
-                end = info.offset + info.length
-                if behind is None or behind[0] != info.relative_path:
-                    behind = (info.relative_path, info.offset)
-                elif end - behind[1] >= _RELEASE_EVERY:
-                    mappings.get(info.relative_path).release(behind[1], end)
-                    behind = (info.relative_path, end)
-            return masked
-
-        buckets = _balanced(list(by_item.items()), self.thread_count, storage)
-        try:
-            if len(buckets) == 1:  # one thread's worth: no pool
-                self._masked.update(read_bucket(buckets[0]))
+            self._check_files(sources, {storage[index].relative_path for index in by_item})
+            if self.store.capabilities.mappable:
+                self._read_mapped(sources, by_item, planner, lock, verification)
             else:
-                with ThreadPoolExecutor(len(buckets), thread_name_prefix="distcp-read") as pool:
-                    for masked in pool.map(read_bucket, buckets):
-                        self._masked.update(masked)
+                self._read_fetched(sources, by_item, planner, lock, verification)
         finally:
-            mappings.close()
+            sources.close()
         log.debug(
             "distcp load: %d items, %d bytes needed, %d read (×%.3f), %d verified, "
             "%d blocks split between ranks",
@@ -248,18 +266,110 @@ class FileSystemReader(StorageReader):
             raise CheckpointFormatError("verify_split_blocks called before read_metadata")
         if self._torch_dcp is not None:
             return  # torch DCP's format has no checksum blocks
-        verify_masked_crcs(contributions, self.metadata.storage_data, str(self.path))
+        verify_masked_crcs(
+            contributions, self.metadata.storage_data, self.store.location.rstrip("/")
+        )
         self.report.settle()
 
-    def _check_files(self, mappings: FileMappings, names: set[str]) -> None:
+    def _read_mapped(
+        self,
+        sources: SourceSet,
+        by_item: dict[MetadataIndex, list[ReadItem]],
+        planner: LoadPlanner,
+        lock: threading.Lock,
+        verification: VerificationPlan,
+    ) -> None:
+        """Mapped sources (local files): each reader thread works through its
+        own stretch of the chunks in file order, reading straight from the
+        files, and drops the pages behind it as it goes."""
+        assert self.metadata is not None
+        storage: dict[MetadataIndex, StorageInfo] = self.metadata.storage_data
+
+        def read_bucket(bucket: list[tuple[MetadataIndex, list[ReadItem]]]) -> dict[BlockKey, int]:
+            masked: dict[BlockKey, int] = {}
+            behind: tuple[str, int] | None = None  # (file, offset): pages before it are done
+            for index, items in bucket:
+                info = storage[index]
+                job = self._chunk_job(sources, index, items, planner, lock, verification)
+                masked.update(job.run())
+                end = info.offset + info.length
+                if behind is None or behind[0] != info.relative_path:
+                    behind = (info.relative_path, info.offset)
+                elif end - behind[1] >= _RELEASE_EVERY:
+                    sources.get(info.relative_path).release(behind[1], end)
+                    behind = (info.relative_path, end)
+            return masked
+
+        buckets = _balanced(list(by_item.items()), self.thread_count, storage)
+        if len(buckets) == 1:  # one thread's worth: no pool
+            self._masked.update(read_bucket(buckets[0]))
+            return
+        with ThreadPoolExecutor(len(buckets), thread_name_prefix="distcp-read") as pool:
+            for masked in pool.map(read_bucket, buckets):
+                self._masked.update(masked)
+
+    def _read_fetched(
+        self,
+        sources: SourceSet,
+        by_item: dict[MetadataIndex, list[ReadItem]],
+        planner: LoadPlanner,
+        lock: threading.Lock,
+        verification: VerificationPlan,
+    ) -> None:
+        """Sources that are fetched (object stores): the chunks in file order,
+        in batches of about ``knobs.FETCH_BATCH`` stored bytes. Each batch's
+        needed byte ranges are fetched (coalesced, many in flight) while the
+        previous batch is verified and copied into place by the reader
+        threads; then its memory is dropped."""
+        assert self.metadata is not None
+        storage: dict[MetadataIndex, StorageInfo] = self.metadata.storage_data
+        ordered = sorted(
+            by_item.items(),
+            key=lambda task: (storage[task[0]].relative_path, storage[task[0]].offset),
+        )
+        batches: list[list[tuple[MetadataIndex, list[ReadItem]]]] = [[]]
+        filled = 0
+        for task in ordered:
+            if filled >= knobs.FETCH_BATCH:
+                batches.append([])
+                filled = 0
+            batches[-1].append(task)
+            filled += storage[task[0]].length
+
+        def prepare(
+            batch: list[tuple[MetadataIndex, list[ReadItem]]],
+        ) -> tuple[list[_ChunkJob], list[tuple[str, int, int]]]:
+            jobs = [
+                self._chunk_job(sources, index, items, planner, lock, verification)
+                for index, items in batch
+            ]
+            return jobs, [span for job in jobs for span in job.spans]
+
+        with (
+            ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as workers,
+            ThreadPoolExecutor(1, thread_name_prefix="distcp-fetch-batch") as fetcher,
+        ):
+            current = prepare(batches[0])
+            pending = fetcher.submit(sources.fetch, current[1])
+            for number in range(len(batches)):
+                self.report.add(fetched=pending.result())
+                jobs, ranges = current
+                if number + 1 < len(batches):  # fetch the next batch while this one decodes
+                    current = prepare(batches[number + 1])
+                    pending = fetcher.submit(sources.fetch, current[1])
+                for masked in workers.map(_ChunkJob.run, jobs):
+                    self._masked.update(masked)
+                sources.drop(ranges)
+
+    def _check_files(self, sources: SourceSet, names: set[str]) -> None:
         """Before reading anything: every file this rank reads opens as a
         regular file inside the checkpoint (no symbolic link, no FIFO) and has
         the size the metadata recorded (catches truncation and replacement).
         The checked descriptors are the ones the reads use."""
         for name in sorted(names):
-            path = self.path / name
+            path = self.store.describe(name)
             expected = self._file_sizes.get(name)
-            actual = mappings.get(name).size
+            actual = sources.get(name).size
             if expected is not None and actual != expected:
                 raise CorruptCheckpointError(
                     f"data file {path} is {actual} bytes but the metadata records {expected} "
@@ -268,28 +378,37 @@ class FileSystemReader(StorageReader):
                     offset=min(actual, expected),
                 )
 
-    def _read_chunk(
+    def _chunk_job(
         self,
-        mappings: FileMappings,
+        sources: SourceSet,
         index: MetadataIndex,
-        info: StorageInfo,
         items: list[ReadItem],
         planner: LoadPlanner,
         lock: threading.Lock,
         verification: VerificationPlan,
-    ) -> dict[BlockKey, int]:
-        if items[0].type == LoadItemType.BYTE_IO:
-            self._read_value(mappings.get(info.relative_path), index, info, items, planner, lock)
-            return {}
+    ) -> _ChunkJob:
+        """What reading one saved item takes: the byte ranges of its file it
+        touches, and the work that verifies them and puts them in place."""
         assert self.metadata is not None
+        info: StorageInfo = self.metadata.storage_data[index]
+        name = info.relative_path
+        whole = [(name, info.offset, info.offset + info.length)]
+        source = sources.get(name)
+        if items[0].type == LoadItemType.BYTE_IO:
+            return _ChunkJob(
+                whole, lambda: self._read_value(source, index, info, items, planner, lock)
+            )
         entry = self.metadata.state_dict_metadata[index.fqn]
         assert isinstance(entry, TensorStorageMetadata) and index.offset is not None
         chunk = next(c for c in entry.chunks if tuple(c.offsets) == index.offset)
+        sizes = tuple(chunk.sizes)
         if info.codec is not None:
-            self._read_compressed(
-                mappings, index, info, entry, tuple(chunk.sizes), items, planner, lock
+            return _ChunkJob(
+                whole,
+                lambda: self._read_compressed(
+                    source, index, info, entry, sizes, items, planner, lock
+                ),
             )
-            return {}
         targets = []
         contributors = verification.contributes  # empty unless the load reshards
         for item in items:
@@ -299,24 +418,29 @@ class FileSystemReader(StorageReader):
             contributes = bool(contributors) and (index, region.offsets) in contributors
             targets.append(ReadTarget(region, dest, contributes))
         reader = ChunkReader(
-            mappings.get(info.relative_path),
+            source,
             index,
             info,
             entry.properties.dtype,
-            tuple(chunk.sizes),
+            sizes,
             verify=self.verify_checksums,
             cooperative=bool(verification.cooperative) and index in verification.cooperative,
         )
-        masked = reader.read(targets, self.report)
-        self.report.add(items=len(items), split_blocks=len(masked))
-        for item, target in zip(items, targets, strict=True):
-            with lock:
-                planner.commit_tensor(item, target.dest)
-        return masked
+
+        def run() -> dict[BlockKey, int]:
+            masked = reader.read(targets, self.report)
+            self.report.add(items=len(items), split_blocks=len(masked))
+            for item, target in zip(items, targets, strict=True):
+                with lock:
+                    planner.commit_tensor(item, target.dest)
+            return masked
+
+        spans = [(name, info.offset + a, info.offset + b) for a, b in reader.needed_spans(targets)]
+        return _ChunkJob(spans, run)
 
     def _read_compressed(
         self,
-        mappings: FileMappings,
+        source: DataSource,
         index: MetadataIndex,
         info: StorageInfo,
         entry: TensorStorageMetadata,
@@ -324,13 +448,13 @@ class FileSystemReader(StorageReader):
         items: list[ReadItem],
         planner: LoadPlanner,
         lock: threading.Lock,
-    ) -> None:
+    ) -> dict[BlockKey, int]:
         """A chunk stored with a codec (zstd, a stream transform): read whole,
         verify its stored bytes, decode, then copy each needed region out
         (:mod:`distcp.codecs`)."""
         stored = bytearray(info.length)
-        mappings.get(info.relative_path).read_into(memoryview(stored), info.offset)
-        path = str(self.path / info.relative_path)
+        source.read_into(memoryview(stored), info.offset)
+        path = str(source.path)
         if self.verify_checksums:
             bad = checksum_mismatch(memoryview(stored), 0, info.checksums, info.checksum_block_size)
             if bad is not None:
@@ -355,30 +479,31 @@ class FileSystemReader(StorageReader):
         )
         needed = 0
         for item in items:
-            source = whole
+            part = whole
             for dim, (offset, length) in enumerate(
                 zip(item.storage_offsets, item.lengths, strict=True)
             ):
-                source = source.narrow(dim, offset, length)
+                part = part.narrow(dim, offset, length)
             with lock:
                 dest = planner.resolve_tensor(item)
-            dest.copy_(source)
-            needed += source.numel() * dtype.itemsize
+            dest.copy_(part)
+            needed += part.numel() * dtype.itemsize
             with lock:
                 planner.commit_tensor(item, dest)
         self.report.add(needed=needed, read=info.length, items=len(items))
         if self.verify_checksums:
             self.report.add(verified=info.length)
+        return {}
 
     def _read_value(
         self,
-        file: OpenFile,
+        file: DataSource,
         index: MetadataIndex,
         info: StorageInfo,
         items: list[ReadItem],
         planner: LoadPlanner,
         lock: threading.Lock,
-    ) -> None:
+    ) -> dict[BlockKey, int]:
         data = bytearray(info.length)
         file.read_into(memoryview(data), info.offset)
         self.report.add(needed=info.length, read=info.length, items=len(items))
@@ -401,6 +526,20 @@ class FileSystemReader(StorageReader):
         for item in items:
             with lock:
                 planner.load_bytes(item, io.BytesIO(bytes(data)))
+        return {}
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """One saved item's read: the ``(file, start, end)`` byte ranges it
+    touches and the work that verifies them and puts them in place (returning
+    this rank's masked crcs of blocks split between ranks)."""
+
+    spans: list[tuple[str, int, int]]
+    work: Callable[[], dict[BlockKey, int]]
+
+    def run(self) -> dict[BlockKey, int]:
+        return self.work()
 
 
 def _balanced(

@@ -3,6 +3,7 @@ commits the checkpoint atomically (DESIGN §4)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -25,7 +26,7 @@ from distcp.errors import (
     UnsupportedStorageError,
 )
 from distcp.filesystem.device_copies import PinnedStager, StagedItem
-from distcp.filesystem.directory_lock import DirectoryLock, lock_file_name
+from distcp.filesystem.directory_lock import lock_file_name
 from distcp.filesystem.layout import (
     PROBE_TEXT,
     data_file_name,
@@ -35,14 +36,14 @@ from distcp.filesystem.layout import (
     new_save_id,
     probe_file_name,
     temporary_metadata_name,
-    write_atomically,
 )
 from distcp.filesystem.tensor_bytes import block_checksums, host_bytes, require_little_endian
-from distcp.filesystem.writeback import start_writeback
 from distcp.metadata import Metadata, StorageInfo, StorageMeta
 from distcp.metadata_file import encode_metadata
 from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType, item_nbytes
 from distcp.storage import StorageWriter, WriteResult, done_future
+from distcp.stores import ByteStore, store_for
+from distcp.stores.base import NO_LOCK, DataSink, SaveLock
 
 __all__ = ["FileSystemWriter"]
 
@@ -59,13 +60,16 @@ class RankFiles:
 
 
 class FileSystemWriter(StorageWriter):
-    """Writes a checkpoint into a directory on a (shared) file system.
+    """Writes a checkpoint into a directory on a (shared) file system, or
+    under any store's location (:mod:`distcp.stores`).
 
     The parameters are torch DCP's, in DCP's order, plus distcp's keyword-only
     ones; an unknown keyword raises ``TypeError``.
 
     Args:
-        path: the checkpoint directory; created if missing.
+        path: the checkpoint directory (created if missing); also a URL
+            (``s3://…``, ``memory://…``; an fsspec store, see
+            :class:`distcp.FsspecWriter`) or a :class:`distcp.stores.ByteStore`.
         single_file_per_rank: one data file per writer thread (True) or one per item.
         sync_files: fsync data and metadata before the commit is reported.
         thread_count: writer threads per rank.
@@ -85,7 +89,11 @@ class FileSystemWriter(StorageWriter):
             way; only the default is accepted, ``SAFETENSORS`` raises naming
             the storage that writes safetensors files.
         checksum_block_size: bytes covered by each crc32c checksum.
+        storage_options: for a URL, passed to its fsspec file system
+            (endpoint, credentials).
     """
+
+    _use_fsspec = False
 
     def __init__(
         self,
@@ -100,6 +108,8 @@ class FileSystemWriter(StorageWriter):
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
         *,
         checksum_block_size: int = knobs.CHECKSUM_BLOCK_SIZE,
+        storage_options: dict[str, Any] | None = None,
+        **store_options: Any,
     ) -> None:
         if thread_count < 1:
             raise CheckpointArgumentError(f"thread_count must be at least 1, got {thread_count}")
@@ -114,7 +124,9 @@ class FileSystemWriter(StorageWriter):
                 "files pass storage_writer=distcp.HuggingFaceStorageWriter(path) (torch's)"
             )
         require_little_endian()
-        self.path = Path(path)
+        self.storage_options = storage_options
+        self._store_options = store_options
+        self.store = self._store_at(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
         self.thread_count = thread_count
@@ -127,16 +139,27 @@ class FileSystemWriter(StorageWriter):
         self.is_coordinator = False
         self.use_collectives = True
         self.save_id: str | None = None
-        self._lock = DirectoryLock()
+        self._lock: SaveLock = NO_LOCK
+
+    def _store_at(self, location: str | os.PathLike[str] | ByteStore) -> ByteStore:
+        return store_for(
+            location, self.storage_options, use_fsspec=self._use_fsspec, **self._store_options
+        )
+
+    @property
+    def path(self) -> Path | str:
+        """The checkpoint's location: a directory, or a URL for other stores."""
+        location = self.store.location
+        return Path(location) if self.store.capabilities.atomic_rename else location
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.store = self._store_at(checkpoint_id)
         self.save_id = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
+        return isinstance(checkpoint_id, (str, os.PathLike, ByteStore))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
@@ -146,19 +169,23 @@ class FileSystemWriter(StorageWriter):
         self.rank = int(kwargs.get("rank", 0))
         self.use_collectives = bool(kwargs.get("use_collectives", True))
         committing = is_coordinator or not self.use_collectives
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.store.prepare()
         if not committing:
             return
-        # Held until finish() or release(): one save at a time in a directory.
-        self._lock.acquire(self.path / lock_file_name(None if self.use_collectives else self.rank))
-        metadata = self.path / self._metadata_name()
-        if not self.overwrite and metadata.exists():
-            self._lock.release()
-            raise CheckpointExistsError(
-                f"Checkpoint already exists at {self.path} ({metadata.name}) and "
-                "overwrite=False; choose another path or pass FileSystemWriter(path, "
-                "overwrite=True)"
-            )
+        # Held until finish() or release(): one save at a time in a directory
+        # (stores that cannot lock hold nothing; see StoreCapabilities.locking).
+        self.release()
+        self._lock = self.store.lock(lock_file_name(None if self.use_collectives else self.rank))
+        if not self.overwrite and self.store.exists(self._metadata_name()):
+            self.release()
+            raise self._exists_error()
+
+    def _exists_error(self) -> CheckpointExistsError:
+        return CheckpointExistsError(
+            f"Checkpoint already exists at {self.store.location} ({self._metadata_name()}) "
+            "and overwrite=False; choose another path or pass FileSystemWriter(path, "
+            "overwrite=True)"
+        )
 
     @property
     def codec(self) -> str | None:
@@ -171,7 +198,8 @@ class FileSystemWriter(StorageWriter):
         takes at set-up, so that two saves never run into one directory at
         once). ``finish`` releases it; ``distcp.save`` also calls this when a
         save fails, and a writer that is dropped releases it too."""
-        self._lock.release()
+        lock, self._lock = self._lock, NO_LOCK
+        lock.release()
 
     def _metadata_name(self) -> str:
         return metadata_file_name(None if self.use_collectives else self.rank)
@@ -204,7 +232,10 @@ class FileSystemWriter(StorageWriter):
                 parts = list(pool.map(self._write_file, names, buckets, [planner] * len(names)))
         except BaseException:
             for name in names:
-                (self.path / name).unlink(missing_ok=True)
+                try:
+                    self.store.delete(name)
+                except OSError as error:  # the error that matters is the one raised
+                    log.warning("distcp: removing %s failed: %s", self.store.describe(name), error)
             raise
         return done_future([result for part in parts for result in part])
 
@@ -214,9 +245,25 @@ class FileSystemWriter(StorageWriter):
         save_id = self.save_id or new_save_id()
         payload = encode_metadata(metadata, save_id=save_id, world_size=len(results))
         name = self._metadata_name()
-        unsynced = write_atomically(
-            self.path / name, payload, temporary_metadata_name(save_id, name), sync=self.sync_files
-        )
+        try:
+            unsynced = self.store.publish(
+                name,
+                payload,
+                temporary_name=temporary_metadata_name(save_id, name),
+                sync=self.sync_files,
+                if_absent=not self.overwrite,
+            )
+        except FileExistsError:
+            # Another save committed here first (a conditional create lost the
+            # race): that checkpoint stands; this save's data files go.
+            self.release()
+            for info in storage_data.values():
+                with contextlib.suppress(OSError):
+                    self.store.delete(info.relative_path)
+            raise self._exists_error() from None
+        except BaseException:
+            self.release()
+            raise
         # Committed: the rename put the new metadata in place, so from here on
         # nothing may report the save as failed (docs/format.md §7). What
         # fails now is a CommitWarning. The probe is written only now, so it
@@ -224,30 +271,30 @@ class FileSystemWriter(StorageWriter):
         # and the metadata it stands for both in place.
         if unsynced is not None:
             warn_after_commit(
-                self.path,
+                self.store.location,
                 f"fsyncing the directory failed ({unsynced}); the new checkpoint "
                 "is in place but may not survive a power loss",
             )
         probe = probe_file_name(None if self.use_collectives else self.rank)
         try:
-            error = write_atomically(
-                self.path / probe,
+            error = self.store.publish(
+                probe,
                 PROBE_TEXT,
-                temporary_metadata_name(save_id, probe),
+                temporary_name=temporary_metadata_name(save_id, probe),
                 sync=self.sync_files,
             )
         except OSError as raised:
             error = raised
         if error is not None:
             warn_after_commit(
-                self.path,
+                self.store.location,
                 f"writing its {probe} (the marker checkpoint managers probe for) failed: {error}",
             )
         referenced = {info.relative_path for info in storage_data.values()}
         try:
             self._remove_superseded(referenced)
         except OSError as error:
-            warn_after_commit(self.path, f"removing superseded files failed: {error}")
+            warn_after_commit(self.store.location, f"removing superseded files failed: {error}")
         finally:
             self.release()
 
@@ -268,44 +315,47 @@ class FileSystemWriter(StorageWriter):
     def _write_file(
         self, name: str, items: list[WriteItem], planner: SavePlanner
     ) -> list[WriteResult]:
+        sink = self.store.create(name, sync=self.sync_files)
+        try:
+            results = self._write_items(sink, name, items, planner)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        return results
+
+    def _write_items(
+        self, sink: DataSink, name: str, items: list[WriteItem], planner: SavePlanner
+    ) -> list[WriteResult]:
         results = []
         block = self.checksum_block_size
         stager = PinnedStager()
-        with open(self.path / name, "wb", buffering=knobs.WRITE_BUFFER_SIZE) as file:
-            position = started = 0  # started: bytes before it are already being written back
-            # Stay one item ahead: a device tensor's copy to pinned memory runs
-            # while the previous item is written.
-            upcoming = [_item_data(item, planner, stager) for item in items[:1]]
-            for n, item in enumerate(items):
-                if n + 1 < len(items):
-                    upcoming.append(_item_data(items[n + 1], planner, stager))
-                data = upcoming.pop(0).ready()
-                _check_size(item, data)
-                codec: str | None = None
-                if self._codec is not None and (
-                    item.type != WriteItemType.BYTE_IO or self._codec.values_too
-                ):
-                    encoded = self._codec.encode(data)
-                    if encoded is not None:  # else stored raw (zstd that did not shrink)
-                        data, codec = memoryview(encoded), self._codec.name
-                padding = -position % knobs.CHUNK_ALIGNMENT
-                if padding:
-                    file.write(bytes(padding))
-                    position += padding
-                file.write(data)
-                info = StorageInfo(
-                    name, position, len(data), block_checksums(data, block), block, codec
-                )
-                results.append(WriteResult(item.index, len(data), info))
-                position += len(data)
-                del data  # written: do not hold its bytes while the next item is resolved
-                if self.sync_files and position - started >= knobs.WRITEBACK_EVERY:
-                    file.flush()
-                    start_writeback(file.fileno(), started, position - started)
-                    started = position
-            file.flush()
-            if self.sync_files:
-                os.fsync(file.fileno())
+        position = 0
+        # Stay one item ahead: a device tensor's copy to pinned memory runs
+        # while the previous item is written.
+        upcoming = [_item_data(item, planner, stager) for item in items[:1]]
+        for n, item in enumerate(items):
+            if n + 1 < len(items):
+                upcoming.append(_item_data(items[n + 1], planner, stager))
+            data = upcoming.pop(0).ready()
+            _check_size(item, data)
+            codec: str | None = None
+            if self._codec is not None and (
+                item.type != WriteItemType.BYTE_IO or self._codec.values_too
+            ):
+                encoded = self._codec.encode(data)
+                if encoded is not None:  # else stored raw (zstd that did not shrink)
+                    data, codec = memoryview(encoded), self._codec.name
+            padding = -position % knobs.CHUNK_ALIGNMENT
+            if padding:
+                sink.write(bytes(padding))
+                position += padding
+            sink.write(data)
+            checksums = block_checksums(data, block)
+            info = StorageInfo(name, position, len(data), checksums, block, codec)
+            results.append(WriteResult(item.index, len(data), info))
+            position += len(data)
+            del data  # written: do not hold its bytes while the next item is resolved
         return results
 
     def _remove_superseded(self, referenced: set[str]) -> None:
@@ -317,21 +367,20 @@ class FileSystemWriter(StorageWriter):
         own = f"-{self.rank:05d}-"
         rank = None if self.use_collectives else self.rank
         failed: list[str] = []
-        with os.scandir(self.path) as entries:
-            for entry in entries:
-                stale_data = is_data_file_name(entry.name) and entry.name not in referenced
-                if stale_data and rank is not None and own not in entry.name:
-                    continue
-                if stale_data or is_temporary_metadata_name(entry.name, rank):
-                    try:
-                        Path(entry.path).unlink(missing_ok=True)
-                    except OSError as error:  # go on with the others
-                        failed.append(f"{entry.name}: {error}")
+        for name in self.store.list():
+            stale_data = is_data_file_name(name) and name not in referenced
+            if stale_data and rank is not None and own not in name:
+                continue
+            if stale_data or is_temporary_metadata_name(name, rank):
+                try:
+                    self.store.delete(name)
+                except OSError as error:  # go on with the others
+                    failed.append(f"{name}: {error}")
         if failed:
             raise OSError(f"{len(failed)} file(s) not removed: " + "; ".join(failed[:3]))
 
 
-def warn_after_commit(path: Path, problem: str) -> None:
+def warn_after_commit(path: Path | str, problem: str) -> None:
     """A failure after the commit point: logged and issued as a
     :class:`CommitWarning`, never raised (the checkpoint at ``path`` is the
     new one, and a caller told otherwise would retry or discard it)."""

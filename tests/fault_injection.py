@@ -27,7 +27,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from distcp.filesystem import directory_lock, writer
+from distcp.filesystem import directory_lock
+from distcp.stores import local as writer
 
 COLLECTIVES = ("gather_object", "scatter_object_list", "broadcast_object_list", "monitored_barrier")
 

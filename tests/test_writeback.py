@@ -14,7 +14,8 @@ import torch
 
 import distcp
 from distcp import knobs
-from distcp.filesystem import writeback, writer
+from distcp.filesystem import writeback
+from distcp.stores import local as writer
 
 
 def state() -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from distcp import (
     training,
     utils,
 )
+from distcp._fsspec_filesystem import FsspecReader, FsspecWriter
 from distcp.api import load, load_state_dict, save, save_state_dict
 from distcp.async_save import AsyncCheckpointerType, AsyncSaveResponse, async_save
 from distcp.errors import (
@@ -56,7 +57,6 @@ from distcp.errors import (
     UnsupportedStorageError,
     UnsupportedValueError,
 )
-from distcp._fsspec_filesystem import FsspecReader, FsspecWriter
 from distcp.filesystem import FileSystemReader, FileSystemWriter, LoadReport
 from distcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from distcp.load_planner import DefaultLoadPlanner

@@ -91,6 +91,8 @@ class FileSystemWriter(StorageWriter):
         checksum_block_size: bytes covered by each crc32c checksum.
         storage_options: for a URL, passed to its fsspec file system
             (endpoint, credentials).
+        part_size, upload_concurrency: multipart uploads to S3 (default:
+            ``knobs.UPLOAD_PART_SIZE``, ``knobs.UPLOAD_CONCURRENCY``).
     """
 
     _use_fsspec = False
@@ -109,7 +111,8 @@ class FileSystemWriter(StorageWriter):
         *,
         checksum_block_size: int = knobs.CHECKSUM_BLOCK_SIZE,
         storage_options: dict[str, Any] | None = None,
-        **store_options: Any,
+        part_size: int = knobs.UPLOAD_PART_SIZE,
+        upload_concurrency: int = knobs.UPLOAD_CONCURRENCY,
     ) -> None:
         if thread_count < 1:
             raise CheckpointArgumentError(f"thread_count must be at least 1, got {thread_count}")
@@ -125,7 +128,7 @@ class FileSystemWriter(StorageWriter):
             )
         require_little_endian()
         self.storage_options = storage_options
-        self._store_options = store_options
+        self._store_options = {"part_size": part_size, "upload_concurrency": upload_concurrency}
         self.store = self._store_at(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files

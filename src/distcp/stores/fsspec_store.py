@@ -82,14 +82,16 @@ class _StreamSink:
         self.file.close()
 
     def abort(self) -> None:
-        discard = getattr(self.file, "discard", None)
         try:
-            if discard is not None:
-                discard()
-            else:
+            discard = getattr(self.file, "discard", None)
+            try:
+                if discard is None:
+                    raise RuntimeError("no discard")
+                discard()  # an upload that never becomes visible
+            except RuntimeError:  # written in place (autocommit): close, then remove
                 self.file.close()
         finally:
-            with contextlib.suppress(FileNotFoundError, OSError):
+            with contextlib.suppress(OSError):
                 self.fs.rm_file(self.path)
 
 

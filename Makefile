@@ -38,8 +38,11 @@ pytest: setup
 # distcp vs torch DCP vs torch.save vs raw I/O, 1 GiB, all scenarios (a few minutes on a
 # quiet machine); writes bench/results/latest.json and latest.md. Pass options with
 # BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-gib 0.0625 --rounds 1".
+# Then object storage: distcp vs torch DCP's fsspec storage on a local S3 server
+# (256 MiB, 2 ranks; bench/results/object_store.md), options in OBJECT_BENCH_ARGS.
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.object_store $(OBJECT_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -78,3 +78,22 @@ def test_bench_runs_and_verifies(tmp_path: Path) -> None:
                 report = phase["results"]["distcp"]["report"]
                 assert report["bytes_needed"] == phase["bytes"], where
                 assert report["bytes_read"] >= report["bytes_needed"], where
+
+
+def test_object_store_bench_runs_and_verifies(tmp_path: Path) -> None:
+    """The object-store benchmark at its smallest: every library, every
+    phase, each load checked bit-exact (the benchmark exits 1 otherwise),
+    and distcp's transfer for the DDP → FSDP reshard is what it needs."""
+    command = [sys.executable, "-m", "bench.object_store", "--size-mib", "32"]
+    command += ["--rounds", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "object_store.json").read_text())
+    phases = {row["phase"]: row for row in results["phases"]}
+    assert len(phases) == 5
+    for row in phases.values():
+        assert row["distcp"]["median_s"] > 0 and row["torch-dcp"]["median_s"] > 0
+    assert "raw" in phases["save Shard(0)"] and "raw" in phases["load Shard(0)"]
+    reshard = phases["load replicated → Shard(0)"]
+    assert reshard["distcp"]["transfer_vs_needed"] <= 1.05
+    assert (tmp_path / "object_store.md").read_text().startswith("# Object storage")

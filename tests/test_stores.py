@@ -62,10 +62,15 @@ class TestS3Store(StoreTests):
         return s3_server.storage_options
 
     def test_large_objects_upload_in_parallel_parts(
-        self, checkpoint_url: str, storage_options: dict[str, Any], s3_server: LocalS3Server
+        self,
+        checkpoint_url: str,
+        storage_options: dict[str, Any],
+        s3_server: LocalS3Server,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """A data object larger than a part is a multipart upload of parts of
-        the given size; it loads bit-exact."""
+        """A data object larger than a single put is a multipart upload of
+        parts of the given size; it loads bit-exact."""
+        monkeypatch.setattr(distcp.knobs, "UPLOAD_SINGLE_PUT_LIMIT", 8 << 20)
         state = {"w": torch.randn(3 << 20)}  # 12 MiB in one object: three 5 MiB parts
         writer = distcp.FsspecWriter(
             checkpoint_url, thread_count=1, part_size=5 << 20, **storage_options
@@ -74,6 +79,7 @@ class TestS3Store(StoreTests):
         distcp.save(state, storage_writer=writer, no_dist=True)
         traffic = s3_server.traffic()
         assert traffic["received"] >= state["w"].nbytes
+        assert traffic["requests"] >= 5  # create, three parts, complete (and the metadata)
         out = {"w": torch.zeros(3 << 20)}
         distcp.load(out, storage_reader=distcp.FsspecReader(checkpoint_url, **storage_options))
         assert torch.equal(out["w"], state["w"])
@@ -91,13 +97,15 @@ class TestS3Store(StoreTests):
         assert store.read_whole("x", "test object") == b"1"
 
     def test_a_failed_upload_leaves_no_open_multipart_upload(
-        self, checkpoint_url: str, storage_options: dict[str, Any]
+        self, checkpoint_url: str, storage_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        monkeypatch.setattr(distcp.knobs, "UPLOAD_SINGLE_PUT_LIMIT", 0)
         store = store_for(checkpoint_url, storage_options, part_size=5 << 20)
         sink = store.create("data", sync=True)
         sink.write(bytes(6 << 20))  # one part sent
-        sink.abort()
         fs = store.fs  # type: ignore[attr-defined]
+        assert fs.call_s3("list_multipart_uploads", Bucket="distcp-tests").get("Uploads")
+        sink.abort()
         assert not fs.call_s3("list_multipart_uploads", Bucket="distcp-tests").get("Uploads")
         assert not store.exists("data")
 

@@ -1,13 +1,16 @@
 """Writing one data object to S3 (or an S3-compatible server) as a parallel
 multipart upload, with bounded memory.
 
-The writer thread fills a part buffer of ``knobs.UPLOAD_PART_SIZE`` bytes;
-each full part is uploaded by a small pool while the next is filled, at most
-``knobs.UPLOAD_CONCURRENCY`` at once (the writer waits for a free slot, so a
-sink holds at most ``concurrency + 1`` parts). An object smaller than one part
-is one ``PutObject``. The upload is completed in ``close``; any failure aborts
-it, so no half object ever becomes visible (S3 shows an object only once its
-multipart upload completes).
+An object of at most ``knobs.UPLOAD_SINGLE_PUT_LIMIT`` bytes is buffered and
+sent as one ``PutObject`` when it is closed (a rank writes several objects at
+once, one per writer thread, so single puts still run in parallel). A larger
+one becomes a multipart upload: the writer thread fills part buffers of
+``knobs.UPLOAD_PART_SIZE`` bytes; each full part is uploaded by a small pool
+while the next is filled, at most ``knobs.UPLOAD_CONCURRENCY`` at once (the
+writer waits for a free slot, so a sink holds at most ``concurrency + 1``
+parts). The upload is completed in ``close``; any failure aborts it, so no half
+object ever becomes visible (S3 shows an object only once its multipart upload
+completes).
 """
 
 from __future__ import annotations
@@ -40,13 +43,18 @@ class MultipartSink:
         *,
         part_size: int = knobs.UPLOAD_PART_SIZE,
         concurrency: int = knobs.UPLOAD_CONCURRENCY,
+        single_put_limit: int | None = None,
     ) -> None:
         self._call = call
+        self.single_put_limit = (
+            knobs.UPLOAD_SINGLE_PUT_LIMIT if single_put_limit is None else single_put_limit
+        )
+        self._whole: bytearray | None = bytearray()  # until it outgrows a single put
         self.bucket, self.key = bucket, key
         self.base_part_size = max(MIN_PART_SIZE, part_size)
         self._slots = threading.BoundedSemaphore(max(1, concurrency))
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="distcp-upload")
-        self._buffer = bytearray(self._part_size(1))
+        self._buffer = bytearray()
         self._filled = 0
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
@@ -58,6 +66,13 @@ class MultipartSink:
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
+        if self._whole is not None:
+            if len(self._whole) + len(view) <= self.single_put_limit:
+                self._whole += view
+                return
+            whole, self._whole = memoryview(self._whole), None  # too large: go multipart
+            self._buffer = bytearray(self._part_size(1))
+            self.write(whole)
         while len(view):
             take = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = view[:take]
@@ -103,12 +118,14 @@ class MultipartSink:
 
     def close(self) -> None:
         try:
-            if self._upload_id is None:  # smaller than one part: one put
+            if self._whole is not None:  # small enough: one put
+                self._call("put_object", Bucket=self.bucket, Key=self.key, Body=self._whole)
+            elif self._upload_id is None:  # outgrew a single put within its first part
                 self._call(
                     "put_object",
                     Bucket=self.bucket,
                     Key=self.key,
-                    Body=bytes(memoryview(self._buffer)[: self._filled]),
+                    Body=self._buffer[: self._filled],
                 )
             else:
                 if self._filled:
@@ -128,10 +145,12 @@ class MultipartSink:
         finally:
             self._pool.shutdown(wait=True)
             self._buffer = bytearray()
+            self._whole = None
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._buffer = bytearray()
+        self._whole = None
         if self._upload_id is not None and not self._finished:
             with contextlib.suppress(Exception):  # the error that matters is the caller's
                 self._call(

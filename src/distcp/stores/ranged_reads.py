@@ -115,10 +115,8 @@ class FetchedObject:
                 f"internal error: bytes [{offset}, {end}) of {self.path} were read "
                 "before they were fetched"
             )
-        assert self._mapping is not None or not len(buffer)
         if len(buffer):
-            assert self._mapping is not None
-            buffer[:] = self._mapping[offset:end]
+            torch.frombuffer(buffer, dtype=torch.uint8).copy_(self._bytes[offset:end])
 
     def prefetch(self, start: int, end: int) -> None:
         return None  # fetched ahead by the batch

@@ -292,9 +292,10 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 NOTES = [
-    "distcp: FsspecWriter/FsspecReader(thread_count=T) with its defaults (16 MiB multipart"
-    " parts, 4 in flight per object; ranged reads of at most 16 MiB, 16 in flight,"
-    " neighbouring ranges within 1 MiB coalesced); checksums written and verified.",
+    "distcp: FsspecWriter/FsspecReader(thread_count=T) with its defaults (a data object up"
+    " to 64 MiB is one put, a larger one a multipart upload of 16 MiB parts, 4 in flight;"
+    " ranged reads of at most 16 MiB, 16 in flight, neighbouring ranges within 1 MiB"
+    " coalesced); checksums written and verified.",
     "torch DCP: torch.distributed.checkpoint.save/load with its own FsspecWriter"
     " (thread_count=T) and FsspecReader; it verifies nothing.",
     "raw: one put (save) or one get (load) per rank-local tensor on T threads with fsspec,"

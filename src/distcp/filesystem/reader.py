@@ -343,7 +343,7 @@ class FileSystemReader(StorageReader):
                 self._chunk_job(sources, index, items, planner, lock, verification)
                 for index, items in batch
             ]
-            return jobs, [span for job in jobs for span in job.spans]
+            return jobs, [span for job in jobs for span in job.spans()]
 
         with (
             ThreadPoolExecutor(self.thread_count, thread_name_prefix="distcp-read") as workers,
@@ -392,7 +392,10 @@ class FileSystemReader(StorageReader):
         assert self.metadata is not None
         info: StorageInfo = self.metadata.storage_data[index]
         name = info.relative_path
-        whole = [(name, info.offset, info.offset + info.length)]
+
+        def whole() -> list[tuple[str, int, int]]:
+            return [(name, info.offset, info.offset + info.length)]
+
         source = sources.get(name)
         if items[0].type == LoadItemType.BYTE_IO:
             return _ChunkJob(
@@ -435,7 +438,11 @@ class FileSystemReader(StorageReader):
                     planner.commit_tensor(item, target.dest)
             return masked
 
-        spans = [(name, info.offset + a, info.offset + b) for a, b in reader.needed_spans(targets)]
+        def spans() -> list[tuple[str, int, int]]:
+            return [
+                (name, info.offset + a, info.offset + b) for a, b in reader.needed_spans(targets)
+            ]
+
         return _ChunkJob(spans, run)
 
     def _read_compressed(
@@ -532,10 +539,11 @@ class FileSystemReader(StorageReader):
 @dataclass(frozen=True)
 class _ChunkJob:
     """One saved item's read: the ``(file, start, end)`` byte ranges it
-    touches and the work that verifies them and puts them in place (returning
-    this rank's masked crcs of blocks split between ranks)."""
+    touches (worked out only for stores that fetch) and the work that verifies
+    them and puts them in place (returning this rank's masked crcs of blocks
+    split between ranks)."""
 
-    spans: list[tuple[str, int, int]]
+    spans: Callable[[], list[tuple[str, int, int]]]
     work: Callable[[], dict[BlockKey, int]]
 
     def run(self) -> dict[BlockKey, int]:

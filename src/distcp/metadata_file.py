@@ -21,6 +21,7 @@ import re
 import struct
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import crc32c
@@ -45,7 +46,15 @@ from distcp.metadata import (
 from distcp.tiling import tiling_problem
 from distcp.value_codec import decode_value, encode_value
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "decode_metadata", "encode_metadata", "is_safe_file_name"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "SaveFacts",
+    "decode_metadata",
+    "encode_metadata",
+    "is_safe_file_name",
+    "read_save_facts",
+]
 
 MAGIC = b"\x89DCP\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -405,3 +414,29 @@ def _library_version() -> str:
     from distcp import __version__
 
     return f"distcp {__version__}"
+
+
+@dataclass(frozen=True)
+class SaveFacts:
+    """What a metadata file says about the save that wrote it."""
+
+    version: int
+    save_id: str
+    created: float
+    world_size: int
+    library: str
+
+
+def read_save_facts(data: bytes, *, source: str) -> SaveFacts:
+    """The format version, save id, time, world size and writing library of
+    a metadata file's bytes (validated as :func:`decode_metadata` does)."""
+    decode_metadata(data, source=source)
+    _, version, _, _ = _HEADER.unpack_from(data)
+    body = msgpack.unpackb(data[_HEADER.size :], raw=False, strict_map_key=True, use_list=True)
+    return SaveFacts(
+        version=version,
+        save_id=body["save_id"],
+        created=float(body["created"]),
+        world_size=body["world_size"],
+        library=body["library"],
+    )

@@ -115,6 +115,7 @@ __all__ = [
     "MAX_DEPTH",
     "decode_value",
     "encode_value",
+    "short_repr",
 ]
 
 EXT_BIGINT: Final = 1
@@ -193,7 +194,7 @@ def _type_name(obj: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _short_repr(obj: object, limit: int = 40) -> str:
+def short_repr(obj: object, limit: int = 40) -> str:
     """``repr(obj)`` cut to ``limit`` characters, for messages; never raises
     (an int of more digits than ``str()`` converts has no repr)."""
     if type(obj) is int and obj.bit_length() > 256:
@@ -297,7 +298,7 @@ class _Encoder:
         tree: dict[object, object] = {}
         for i, (key, value) in enumerate(obj.items()):
             key_tree = self.encode(key, f"{path}<key #{i}>", depth + 1)
-            tree[key_tree] = self.encode(value, f"{path}[{_short_repr(key)}]", depth + 1)
+            tree[key_tree] = self.encode(value, f"{path}[{short_repr(key)}]", depth + 1)
         if len(tree) != len(obj):
             raise UnsupportedValueError(
                 f"{_where(self.key, path)}: two dict keys have the same encoding"
@@ -417,8 +418,8 @@ class _Decoder:
             key = self.decode(key_node, key_path, depth + 1)
             self._add_key(spread, key, key_path)
             if key in result:
-                raise self.error(key_path, f"dict key {_short_repr(key)} repeats")
-            result[key] = self.decode(value_node, f"{path}[{_short_repr(key)}]", depth + 1)
+                raise self.error(key_path, f"dict key {short_repr(key)} repeats")
+            result[key] = self.decode(value_node, f"{path}[{short_repr(key)}]", depth + 1)
         return result
 
     def _ext(self, code: int, payload: bytes, path: str, depth: int) -> object:

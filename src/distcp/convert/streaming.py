@@ -204,6 +204,35 @@ class _SourceItems(DefaultLoadPlanner):
                 self._target = None
         return buffer
 
+    def read_full(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key``, its chunks read into one new buffer."""
+        entry = self.source_metadata.state_dict_metadata[key]
+        assert isinstance(entry, TensorStorageMetadata)
+        whole = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        items = []
+        for chunk in entry.chunks:
+            index = MetadataIndex(key, chunk.offsets)
+            zeros = torch.Size([0] * len(chunk.sizes))
+            items.append(
+                ReadItem(
+                    LoadItemType.TENSOR,
+                    index,
+                    torch.Size(chunk.offsets),
+                    index,
+                    zeros,
+                    torch.Size(chunk.sizes),
+                )
+            )
+        if whole.numel() == 0 or not items:
+            return whole
+        with self._lock:
+            self._target = whole
+            try:
+                self._read(LoadPlan(items))
+            finally:
+                self._target = None
+        return whole
+
     def read_value(self, key: str) -> Any:
         index = MetadataIndex(key)
         zero = torch.Size([0])
@@ -225,8 +254,22 @@ class _SourceItems(DefaultLoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         assert self._target is not None, "resolve_tensor outside read_chunk"
-        return self._target
+        return self._region(read_item)
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        if self._target is not None and tensor is not self._target:
-            self._target.copy_(tensor)  # a reader that resolved into its own staging tensor
+        region = self._region(read_item)
+        if tensor.data_ptr() != region.data_ptr():
+            region.copy_(tensor)  # a reader that resolved into its own staging tensor
+
+    def _region(self, read_item: ReadItem) -> torch.Tensor:
+        """Where ``read_item`` lands in the buffer being filled."""
+        assert self._target is not None
+        region = self._target
+        if (region.dim() and any(read_item.dest_offsets)) or tuple(read_item.lengths) != tuple(
+            region.shape
+        ):
+            for dim, (offset, length) in enumerate(
+                zip(read_item.dest_offsets, read_item.lengths, strict=True)
+            ):
+                region = region.narrow(dim, offset, length)
+        return region

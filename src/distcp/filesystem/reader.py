@@ -254,6 +254,12 @@ class FileSystemReader(StorageReader):
         )
         return done_future(None)
 
+    @property
+    def file_sizes(self) -> dict[str, int]:
+        """The size the metadata records for each data file (after
+        :meth:`read_metadata`; empty for a torch DCP checkpoint)."""
+        return dict(self._file_sizes)
+
     def masked_checksums(self) -> dict[BlockKey, int]:
         """This rank's masked crcs of the blocks it read in part, for
         :meth:`verify_split_blocks` on every rank."""

@@ -357,16 +357,16 @@ def test_streaming_peak_memory_is_a_few_chunks(tmp_path: Path) -> None:
     assert loaded["meta"] == {"step": 3, "names": ["a", "b"]}
 
 
-def test_dcp_to_torch_save_holds_the_state_once(tmp_path: Path) -> None:
+def test_dcp_to_torch_save_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
     count, size = 4, 16 * MiB
     state = {"model": {f"w{n}": torch.full((size // 4,), float(n)) for n in range(count)}}
     distcp.save(state, checkpoint_id=tmp_path / "src", no_dist=True)
     del state
     extra = _peak_extra("torch_save", tmp_path / "src", tmp_path / "out.pt")
-    total = count * size
-    assert total <= extra + 4 * MiB and extra < 1.5 * total, f"peak extra {extra / MiB:.1f} MiB"
+    assert extra < size + 8 * MiB, f"peak extra {extra / MiB:.1f} MiB for 4 × 16 MiB"
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
     assert sorted(loaded["model"]) == [f"w{n}" for n in range(count)]
+    assert all(bool((loaded["model"][f"w{n}"] == n).all()) for n in range(count))
 
 
 # --------------------------------------------------------------------------- broadcasting reader

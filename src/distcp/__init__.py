@@ -81,6 +81,7 @@ from distcp.planner import (
     WriteItemType,
 )
 from distcp.quantized_hf_storage import QuantizedHuggingFaceStorageReader
+from distcp.safetensors_storage import SafetensorsReader
 from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
 from distcp.storage import StorageReader, StorageWriter, WriteResult
@@ -125,6 +126,7 @@ __all__ = [
     "QuantizedHuggingFaceStorageReader",
     "ReadItem",
     "RemoteError",
+    "SafetensorsReader",
     "SavePlan",
     "SavePlanner",
     "ShapeMismatchError",

@@ -17,15 +17,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from distcp.api import load, save
+from distcp.api import save
 from distcp.convert.dynamic_meta import DynamicMetaLoadPlanner
-from distcp.convert.full_state import FullStateLoadPlanner
+from distcp.convert.export import convert
 from distcp.convert.torch_save_file import load_torch_save
 from distcp.convert.torch_save_reader import BroadcastingTorchSaveReader
-from distcp.filesystem.layout import new_save_id
-from distcp.filesystem.reader import FileSystemReader
+from distcp.errors import CheckpointExistsError, CheckpointNotFoundError
 
 __all__ = [
     "BroadcastingTorchSaveReader",
@@ -41,9 +38,11 @@ def dcp_to_torch_save(
     """Write the checkpoint in ``dcp_checkpoint_dir`` as one ``torch.save`` file
     of its full state dict, nested as it was saved, with every tensor whole.
 
-    Run it on one process: it holds the whole state in memory (once: each
-    tensor is read in place into its final buffer). The file appears whole or
-    not at all (written under a temporary name, then renamed). Raises
+    Streaming: each tensor is read (its chunks assembled, checksums verified)
+    and written in turn, so peak extra memory is about the largest tensor,
+    not the state (:func:`distcp.convert.convert`). The file appears whole or
+    not at all (written under a temporary name, then renamed); an existing
+    file is replaced, as torch's function does. Raises
     :class:`~distcp.CheckpointNotFoundError` or
     :class:`~distcp.IncompleteCheckpointError` when the directory holds no
     checkpoint.
@@ -51,17 +50,12 @@ def dcp_to_torch_save(
     A path step that is an int makes a list when its container's steps are
     exactly ``0 … n-1`` (see :func:`distcp.convert.nest_state_dict`).
     """
-    planner = FullStateLoadPlanner()
-    load({}, storage_reader=FileSystemReader(dcp_checkpoint_dir), planner=planner, no_dist=True)
-    state = planner.nested_state_dict()
     target = Path(torch_save_path)
-    temporary = target.with_name(f".{target.name}.tmp-{new_save_id()}")
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    if target.is_dir():
+        raise CheckpointExistsError(f"{target} is a directory, not a torch.save file path")
+    if not Path(dcp_checkpoint_dir).is_dir():
+        raise CheckpointNotFoundError(f"{dcp_checkpoint_dir} is not a checkpoint directory")
+    convert(dcp_checkpoint_dir, target, to="torch", overwrite=True)
 
 
 def torch_save_to_dcp(

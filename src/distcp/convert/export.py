@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from distcp.api import save
+from distcp.convert.buffers import transient_tensor
 from distcp.convert.full_state import nest_state_dict
 from distcp.convert.safetensors_format import INDEX_FILE_NAME, write_sharded
 from distcp.convert.sources import Source, TensorInfo, open_source, select_keys
@@ -97,7 +98,9 @@ def convert(
         tensor = source.read_tensor(key)
         target = shapes[key].dtype
         if tensor.dtype != target:
-            tensor = tensor.to(target)
+            cast = transient_tensor(tensor.shape, target)
+            cast.copy_(tensor)
+            tensor = cast
         if on_progress is not None:
             on_progress(tensor.nbytes)
         return tensor

@@ -22,7 +22,11 @@ import torch
 from distcp.convert.safetensors_format import INDEX_FILE_NAME
 from distcp.convert.streaming import _SourceItems
 from distcp.convert.torch_save_file import load_torch_save
-from distcp.errors import CheckpointArgumentError, CheckpointNotFoundError
+from distcp.errors import (
+    CheckpointArgumentError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+)
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.reader import FileSystemReader
 from distcp.flatten import flatten_state_dict
@@ -49,7 +53,9 @@ class TensorInfo:
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``distcp``, ``torch-dcp``, ``torch.save`` or ``safetensors``; raises
-    :class:`CheckpointNotFoundError` for anything else."""
+    :class:`CheckpointNotFoundError` when nothing is there and
+    :class:`IncompleteCheckpointError` for a directory without a committed
+    checkpoint."""
     location = Path(path)
     if location.is_dir():
         if (location / METADATA_FILE_NAME).exists():
@@ -58,11 +64,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "torch-dcp"
         if (location / INDEX_FILE_NAME).exists() or any(location.glob("*.safetensors")):
             return "safetensors"
-        if any(location.glob("data-*.distcp")):
-            return "distcp"  # incomplete: the reader says so
-        raise CheckpointNotFoundError(
-            f"{location} is not a checkpoint (no {METADATA_FILE_NAME}, .metadata or "
-            "*.safetensors in it)"
+        raise IncompleteCheckpointError(
+            f"{location} holds no committed checkpoint (no {METADATA_FILE_NAME}, .metadata "
+            "or *.safetensors in it)"
         )
     if location.is_file():
         if location.suffix == ".safetensors":

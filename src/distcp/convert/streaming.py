@@ -208,7 +208,7 @@ class _SourceItems(DefaultLoadPlanner):
         """The whole tensor ``key``, its chunks read into one new buffer."""
         entry = self.source_metadata.state_dict_metadata[key]
         assert isinstance(entry, TensorStorageMetadata)
-        whole = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        whole = transient_tensor(tuple(entry.size), entry.properties.dtype)
         items = []
         for chunk in entry.chunks:
             index = MetadataIndex(key, chunk.offsets)

@@ -119,7 +119,7 @@ def write_torch_save(
             writer.write_record(f"data/{number}", storage, stand_in.nbytes)  # type: ignore[arg-type]
             if on_written is not None:
                 on_written(stand_in.nbytes)
-            del tensor
+            del tensor, storage  # written: let it go before the next one is read
         writer.write_end_of_file()
         del writer
         os.replace(temporary, target)

@@ -23,7 +23,7 @@ from typing import Any
 import crc32c
 
 from distcp.convert.sources import detect_format
-from distcp.errors import CheckpointError
+from distcp.errors import CheckpointError, CorruptCheckpointError
 from distcp.filesystem.reader import FileSystemReader
 from distcp.filesystem.safe_open import open_regular_file
 from distcp.metadata import MetadataIndex, StorageInfo
@@ -151,7 +151,14 @@ def _verify_bounds(
 ) -> dict[str, Any]:
     """torch DCP: every referenced file present and every byte range inside it."""
     reader = FileSystemReader(location)
-    metadata = reader.read_metadata()
+    unchecked = (
+        "torch DCP checkpoints carry no checksums: files and byte ranges checked, not contents"
+    )
+    try:
+        metadata = reader.read_metadata()  # checks every file's size against its ranges
+    except CorruptCheckpointError as error:
+        damage = {"key": None, "file": error.file, "offset": error.offset, "problem": str(error)}
+        return _result(kind, [damage], 0, 0, unchecked)
     damaged = []
     sizes: dict[str, int | None] = {}
     for index, info in metadata.storage_data.items():
@@ -174,7 +181,7 @@ def _verify_bounds(
         damaged,
         len(metadata.storage_data),
         0,
-        "torch DCP checkpoints carry no checksums: files and byte ranges checked, not contents",
+        unchecked,
     )
 
 

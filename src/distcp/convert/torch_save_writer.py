@@ -122,6 +122,11 @@ def write_torch_save(
             del tensor, storage  # written: let it go before the next one is read
         writer.write_end_of_file()
         del writer
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # durable before it takes the name
+        finally:
+            os.close(fd)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

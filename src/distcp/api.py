@@ -51,6 +51,7 @@ from distcp.save_planner import DefaultSavePlanner
 from distcp.stateful import Stateful
 from distcp.storage import StorageReader, StorageWriter, WriteResult, wait_future
 from distcp.storage_roles import JointlyVerifyingReader, ReleasingWriter
+from distcp.telemetry import add_bytes, phase
 
 __all__ = ["CheckpointException", "load", "load_state_dict", "save", "save_state_dict"]
 
@@ -221,7 +222,8 @@ def _save(
     ranks = _coordinator(process_group, no_dist, coordinator_rank, timeout)
     planner = planner or DefaultSavePlanner()
     with gc_paused():
-        planned = plan_save(state_dict, writer, planner, ranks)
+        with phase("plan"):
+            planned = plan_save(state_dict, writer, planner, ranks)
 
         def write() -> list[WriteResult]:
             final_plan = planner.finish_plan(planned.central_plan)
@@ -369,12 +371,19 @@ def commit_save(planned: PlannedSave, write: Callable[[], list[WriteResult]]) ->
     def commit(results: list[list[WriteResult]]) -> Metadata:
         nonlocal committed
         assert planned.metadata is not None  # commit runs on the coordinator
-        planned.writer.finish(planned.metadata, results)
+        with phase("commit"):
+            planned.writer.finish(planned.metadata, results)
         committed = True
         return planned.metadata
 
+    def timed_write() -> list[WriteResult]:
+        with phase("write"):
+            results = write()
+        add_bytes(sum(result.size_in_bytes for result in results))
+        return results
+
     try:
-        return planned.ranks.all_reduce("writing the checkpoint", write, commit)
+        return planned.ranks.all_reduce("writing the checkpoint", timed_write, commit)
     except DistributedCheckpointError as error:
         if committed:
             assert planned.metadata is not None
@@ -441,18 +450,23 @@ def _load_paused(
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
-    central_plan = ranks.reduce_scatter("planning the load", local_plan, global_plan)
+    with phase("plan"):
+        central_plan = ranks.reduce_scatter("planning the load", local_plan, global_plan)
 
     def read() -> dict[BlockKey, int]:
-        final_plan = planner.finish_plan(central_plan)
-        wait_future(reader.read_data(final_plan, planner))
+        with phase("read"):
+            final_plan = planner.finish_plan(central_plan)
+            wait_future(reader.read_data(final_plan, planner))
+        report = getattr(reader, "report", None)
+        add_bytes(int(getattr(report, "bytes_fetched", 0) or getattr(report, "bytes_read", 0)))
         if isinstance(reader, JointlyVerifyingReader):
             return dict(reader.masked_checksums())
         return {}
 
     masked = ranks.all_gather("reading the checkpoint", read)
     if isinstance(reader, JointlyVerifyingReader):
-        reader.verify_split_blocks(masked)  # same outcome on every rank: all see all
+        with phase("verify"):
+            reader.verify_split_blocks(masked)  # same outcome on every rank: all see all
     for key in sorted(state_dict):  # the same order on every rank, whatever each dict's
         value = state_dict[key]
         if _is_stateful(value):

@@ -27,6 +27,7 @@ the state dict its own way and distcp saves its copy in the background.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import os
 import threading
@@ -56,6 +57,7 @@ from distcp.save_planner import DefaultSavePlanner
 from distcp.staging import AsyncStager, DefaultStager
 from distcp.staging_arena import StagedPlanner, StagingBuffers
 from distcp.storage import StorageWriter, WriteResult, wait_future
+from distcp.telemetry import phase
 from distcp.writer_process import WriterProcess
 
 __all__ = [
@@ -189,14 +191,19 @@ def async_save(
         ranks = _coordinator(group, not distributed, 0, timeout)
         with gc_paused():
             try:
-                planned = plan_save(state_dict, writer, planner, ranks)
+                with phase("plan"):
+                    planned = plan_save(state_dict, writer, planner, ranks)
             except Exception as error:  # the same error on every rank: nothing to write
                 failed: Future[Metadata] = Future()
                 failed.set_exception(error)
                 return failed
             if not background:
-                write = saver.stage_and_write(planned, planner)
-                saver.pending = saver.executor.submit(commit_save, planned, write)
+                with phase("stage"):
+                    write = saver.stage_and_write(planned, planner)
+                # The caller's context goes along: a telemetry recording around
+                # async_save also times the background write and commit.
+                context = contextvars.copy_context()
+                saver.pending = saver.executor.submit(context.run, commit_save, planned, write)
                 return saver.pending
         staged: Future[None] = Future()
         caller_stream = torch.cuda.current_stream() if torch.cuda.is_available() else None

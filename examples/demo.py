@@ -8,11 +8,12 @@ resume on 2 ranks with tensor parallelism instead, and check that nothing was lo
    and the root) with AdamW, on synthetic token data drawn by a
    ``ResumableSampler``. After 8 steps they save model, optimizer, step, RNG
    streams and the sampler's position as one ``distcp.training.TrainingState``
-   with ``distcp.save``, then train 4 more steps: the uninterrupted run.
+   through a ``distcp.CheckpointManager`` (``DIR/checkpoints/step-8``), then
+   train 4 more steps: the uninterrupted run.
 2. 2 fresh ranks build the model with a different seed, split it by tensor
    parallelism (q, k, v and the MLP's first layer by rows, the attention output
-   and the MLP's second layer by columns, the rest replicated), and
-   ``distcp.load`` the checkpoint into it: each rank reads just the pieces of
+   and the MLP's second layer by columns, the rest replicated), and the
+   manager loads its newest committed step into it: each rank reads just the pieces of
    the 4 row-shards it now holds. The full model and optimizer state (gathered
    on rank 0) must equal, bit for bit, the state saved by the 4-rank run, and
    the 4 steps that follow must give the uninterrupted run's losses. Those
@@ -111,12 +112,13 @@ def save_run(rank: int, world_size: int, workdir: str) -> None:
     before = train(state, sampler, data, STEPS_BEFORE_SAVE, "train")
     say(rank, f"      train   {steps(1, state.step)} loss {span(before)}")
 
-    checkpoint = Path(workdir) / f"step-{state.step}"
+    manager = distcp.CheckpointManager(Path(workdir) / "checkpoints")
+    checkpoint = Path(workdir) / "checkpoints" / f"step-{state.step}"
     say(rank, f"      save    step {state.step} -> {checkpoint}")
     dist.barrier()
     start = time.perf_counter()
-    distcp.save({"app": state}, checkpoint_id=checkpoint)
-    dist.barrier()
+    manager.save(state.step, {"app": state})
+    manager.close()
     save_s = slowest(time.perf_counter() - start)
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL)  # on rank 0 only
@@ -145,14 +147,15 @@ def resume_run(rank: int, world_size: int, workdir: str) -> None:
     say(rank, f"[2/2] {world_size} ranks, tensor parallel (q, k, v, mlp.up split by rows,")
     say(rank, "      attn.out, mlp.down by columns; embeddings, norms, head replicated)")
 
-    reader = distcp.FileSystemReader(saved["checkpoint"])
+    loads: list[dict[str, Any]] = []
     dist.barrier()
     start = time.perf_counter()
-    distcp.load({"app": state}, storage_reader=reader)
-    dist.barrier()
+    with distcp.CheckpointManager(Path(workdir) / "checkpoints", on_event=loads.append) as manager:
+        manager.load({"app": state})  # the newest committed step
     load_s = slowest(time.perf_counter() - start)
     say(rank, f"      load    step {state.step} <- {saved['checkpoint']}")
-    counts = torch.tensor([reader.report.bytes_read, reader.report.bytes_needed])
+    (loaded,) = [event for event in loads if event["event"] == "load"]
+    counts = torch.tensor([loaded["bytes_read"], loaded["bytes_needed"]])
     dist.all_reduce(counts)
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL)

@@ -3,7 +3,7 @@ on the same or a different number of ranks.
 
     python examples/train_resume.py --ckpt-dir DIR [--steps 20] [--save-every 5]
                                     [--world-size 2] [--global-batch 16]
-                                    [--async-save {off,thread,process}]
+                                    [--async-save {off,thread,process}] [--keep K]
 
 Trains ``TinyLM`` (``tiny_lm.py``) on ``--world-size`` gloo ranks (CPU), each
 block and the root wrapped with ``fully_shard``, with AdamW on synthetic
@@ -11,12 +11,16 @@ tokens, up to step ``--steps``. Every ``--save-every`` steps, and at the last
 step, the whole training state (model, optimizer, step, RNG streams and the
 data sampler's position: one ``distcp.training.TrainingState``) is saved to
 ``DIR/step-<N>``. With ``--async-save thread`` or ``process`` the save runs in
-the background (``distcp.async_save``) while training goes on; each save is
-waited for before the next one starts, and the last before the run ends.
+the background while training goes on; each save is waited for before the
+next one starts, and the last before the run ends.
 
-On start it resumes from the latest committed checkpoint in ``DIR``: the
-``step-<N>`` directory with the highest N that holds ``.metadata.distcp``
-(the file a save writes last, so a save that crashed midway is passed over).
+The loop around the saves is ``distcp.CheckpointManager``'s: the interval,
+one async save in flight, retention (``--keep 3``: the newest 3 steps, older
+ones removed in the background after each commit, never the newest committed
+one), and a JSON-lines log of every save and load in ``DIR/checkpoint-log.jsonl``.
+
+On start it resumes from the latest committed checkpoint in ``DIR`` (the
+manager never chooses a ``step-<N>`` whose save did not commit).
 Resuming on another world size works: each rank loads its new shards, and
 the sampler continues from the same global sample. Keep ``--global-batch``
 (sequences per step over all ranks) the same to continue the same run.
@@ -32,12 +36,11 @@ The second run prints ``resumed from /tmp/run/step-4 at step 4``.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import warnings
-from concurrent.futures import Future
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,18 +62,6 @@ from tiny_lm import (  # examples/tiny_lm.py: the model, its layouts, data, laun
 
 DATASET = 4096  # sequences
 CONFIG = Config()
-COMMITTED = ".metadata.distcp"  # written last by a save: its presence means committed
-CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The committed ``step-<N>`` checkpoint with the highest N, if any."""
-    committed = [
-        (int(match.group(1)), path)
-        for path in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-        if (match := CHECKPOINT_NAME.fullmatch(path.name)) and (path / COMMITTED).is_file()
-    ]
-    return max(committed)[1] if committed else None
 
 
 def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
@@ -82,18 +73,43 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     state = TrainingState(model, optimizer, extras={"sampler": sampler})
     data = synthetic_tokens(DATASET, CONFIG)
 
-    checkpoint = latest_checkpoint(args.ckpt_dir)
-    if checkpoint is None:
-        log(f"no checkpoint in {args.ckpt_dir}: starting at step 0 on {ranks(world_size)}")
-    else:
-        distcp.load({"app": state}, checkpoint_id=checkpoint)
-        log(
-            f"resumed from {checkpoint} at step {state.step} on {ranks(world_size)} "
-            f"(sample {sampler.position} of epoch {sampler.epoch})"
-        )
+    mode = None if args.async_save == "off" else args.async_save
 
+    def on_event(event: dict[str, Any]) -> None:  # a save is reported once it committed
+        if event["event"] == "save":
+            step = event["step"]
+            log(f"saved {args.ckpt_dir / f'step-{step}'}")
+
+    with distcp.CheckpointManager(
+        args.ckpt_dir,
+        interval=args.save_every,
+        keep_latest_k=args.keep,
+        async_mode=mode,
+        on_event=on_event,
+    ) as manager:
+        resumed = manager.load({"app": state})
+        if resumed is None:
+            log(f"no checkpoint in {args.ckpt_dir}: starting at step 0 on {ranks(world_size)}")
+        else:
+            log(
+                f"resumed from {args.ckpt_dir / f'step-{resumed}'} at step {state.step} on "
+                f"{ranks(world_size)} (sample {sampler.position} of epoch {sampler.epoch})"
+            )
+        train(state, model, optimizer, sampler, data, manager, args, world_size)
+    log(f"done: step {state.step}")
+
+
+def train(
+    state: TrainingState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: ResumableSampler,
+    data: torch.Tensor,
+    manager: distcp.CheckpointManager,
+    args: argparse.Namespace,
+    world_size: int,
+) -> None:
     per_rank = args.global_batch // world_size
-    pending: tuple[Future[distcp.Metadata], Path] | None = None  # an async save in flight
     while state.step < args.steps:
         if len(sampler) < per_rank:  # this epoch's data is used up
             sampler.set_epoch(sampler.epoch + 1)
@@ -107,28 +123,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         log(f"step {state.step:4d}  loss {total.item() / world_size:.4f}")
-        if state.step % args.save_every == 0 or state.step == args.steps:
-            path = args.ckpt_dir / f"step-{state.step}"
-            if args.async_save == "off":
-                distcp.save({"app": state}, checkpoint_id=path)
-                log(f"saved {path}")
-                continue
-            wait_for(pending)
-            kind = distcp.AsyncCheckpointerType(args.async_save)
-            future = distcp.async_save(
-                {"app": state}, checkpoint_id=path, async_checkpointer_type=kind
-            )
-            pending = (future, path)  # training goes on while it is written
-    wait_for(pending)
-    log(f"done: step {state.step}")
-
-
-def wait_for(pending: tuple[Future[distcp.Metadata], Path] | None) -> None:
-    """Wait for an async save to commit (it raises what the save raised)."""
-    if pending is not None:
-        future, path = pending
-        future.result()
-        log(f"saved {path}")
+        # Every --save-every steps, and the last step whatever the interval.
+        manager.save(state.step, {"app": state}, force=state.step == args.steps)
 
 
 def ranks(count: int) -> str:
@@ -150,6 +146,7 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, default=2, help="number of ranks")
     parser.add_argument("--global-batch", type=int, default=16, help="sequences a step")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--keep", type=int, default=3, help="keep the newest K steps")
     parser.add_argument(
         "--async-save",
         choices=["off", "thread", "process"],

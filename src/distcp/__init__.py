@@ -60,6 +60,7 @@ from distcp.errors import (
 from distcp.filesystem import FileSystemReader, FileSystemWriter, LoadReport
 from distcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from distcp.load_planner import DefaultLoadPlanner
+from distcp.manager import CheckpointManager
 from distcp.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -97,6 +98,7 @@ __all__ = [
     "CheckpointException",
     "CheckpointExistsError",
     "CheckpointFormatError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "ChunkStorageMetadata",
     "CollectiveTimeoutError",

@@ -258,11 +258,12 @@ class CheckpointManager:
             to_load[key] = (
                 TrainableOnly(value) if partial and isinstance(value, nn.Module) else value
             )
+        reader = FileSystemReader(location, storage_options=self.storage_options)
         with recording("load") as record:
             began = time.perf_counter()
             distcp_load(
                 to_load,
-                storage_reader=FileSystemReader(location, storage_options=self.storage_options),
+                storage_reader=reader,
                 process_group=self.process_group,
                 no_dist=not self._distributed,
                 timeout=self.timeout,
@@ -273,7 +274,18 @@ class CheckpointManager:
                 state[key] = value
         if partial:
             self._load_frozen(state, str(trainable.get("base_checkpoint")))
-        self._report("load", step, record.seconds, record.bytes, seconds)
+        report = reader.report
+        self._publish(
+            {
+                "event": "load",
+                "step": step,
+                "seconds": seconds,
+                "bytes": record.bytes,
+                "bytes_needed": report.bytes_needed,
+                "bytes_read": report.bytes_read,
+                "phases": record.seconds,
+            }
+        )
         return step
 
     def _manager_record(self, location: str) -> dict[str, Any]:
@@ -387,13 +399,6 @@ class CheckpointManager:
             "bytes": nbytes,
         }
         self._publish(event)
-
-    def _report(
-        self, kind: str, step: int, phases: dict[str, float], nbytes: int, seconds: float
-    ) -> None:
-        self._publish(
-            {"event": kind, "step": step, "seconds": seconds, "bytes": nbytes, "phases": phases}
-        )
 
     def _publish(self, event: dict[str, Any]) -> None:
         """Log this rank's event, hand it to the callback, and have the

@@ -39,10 +39,14 @@ pytest: setup
 # quiet machine); writes bench/results/latest.json and latest.md. Pass options with
 # BENCH_ARGS, e.g. make bench BENCH_ARGS="--size-gib 0.0625 --rounds 1".
 # Then object storage: distcp vs torch DCP's fsspec storage on a local S3 server
-# (256 MiB, 2 ranks; bench/results/object_store.md), options in OBJECT_BENCH_ARGS.
+# (256 MiB, 2 ranks; bench/results/object_store.md), options in OBJECT_BENCH_ARGS;
+# the converters' peak memory and speed (conversion.md); and the training stall of
+# the checkpoint manager's modes next to torch DCP's async_save (manager_stall.md).
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.object_store $(OBJECT_BENCH_ARGS)
+	$(PY) -m bench.conversion
+	$(PY) -m bench.manager_stall
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,6 +25,7 @@ import torch
 from distcp.convert.safetensors_format import SafetensorsEntry, read_header, safetensors_files
 from distcp.errors import CheckpointFormatError, CheckpointNotFoundError
 from distcp.filesystem.load_report import LoadReport
+from distcp.filesystem.tensor_bytes import narrowed
 from distcp.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -128,12 +129,7 @@ class SafetensorsReader(StorageReader):
                         f"key {item.storage_index.fqn!r}: safetensors holds only tensors"
                     )
                 entry = self.entries[item.storage_index.fqn]
-                whole = files.tensor(entry)
-                source = whole
-                for dim, (offset, length) in enumerate(
-                    zip(item.storage_offsets, item.lengths, strict=True)
-                ):
-                    source = source.narrow(dim, offset, length)
+                source = narrowed(files.tensor(entry), item.storage_offsets, item.lengths)
                 with lock:
                     dest = planner.resolve_tensor(item)
                 dest.copy_(source)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,24 +276,3 @@ def write_sharded(
         (folder / INDEX_FILE_NAME).write_text(json.dumps(index, indent=2) + "\n")
         written.append(folder / INDEX_FILE_NAME)
     return written
-
-
-def mapped_tensor(path: Path, entries: Iterable[SafetensorsEntry]) -> Callable[[str], torch.Tensor]:
-    """``fetch(name)`` of the tensors of one file, as read-only views of its
-    mapping (pages are read when touched)."""
-    by_name = {entry.name: entry for entry in entries}
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
-    data = torch.frombuffer(mapping, dtype=torch.uint8) if mapping is not None else None
-
-    def fetch(name: str) -> torch.Tensor:
-        entry = by_name[name]
-        if entry.length == 0 or data is None:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        raw = data[entry.offset : entry.offset + entry.length]
-        if raw.data_ptr() % entry.dtype.itemsize:
-            raw = raw.clone()
-        return raw.view(entry.dtype).view(entry.shape)
-
-    return fetch

@@ -47,7 +47,7 @@ from distcp.filesystem.layout import (
     new_save_id,
 )
 from distcp.filesystem.load_report import LoadReport
-from distcp.filesystem.tensor_bytes import checksum_mismatch, require_little_endian
+from distcp.filesystem.tensor_bytes import checksum_mismatch, narrowed, require_little_endian
 from distcp.geometry import Box
 from distcp.metadata import (
     Metadata,
@@ -492,11 +492,7 @@ class FileSystemReader(StorageReader):
         )
         needed = 0
         for item in items:
-            part = whole
-            for dim, (offset, length) in enumerate(
-                zip(item.storage_offsets, item.lengths, strict=True)
-            ):
-                part = part.narrow(dim, offset, length)
+            part = narrowed(whole, item.storage_offsets, item.lengths)
             with lock:
                 dest = planner.resolve_tensor(item)
             dest.copy_(part)

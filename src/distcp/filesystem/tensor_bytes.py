@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import crc32c
@@ -14,6 +15,7 @@ __all__ = [
     "block_checksums",
     "checksum_mismatch",
     "host_bytes",
+    "narrowed",
     "require_little_endian",
     "writable_bytes",
 ]
@@ -72,3 +74,10 @@ def checksum_mismatch(
         if crc32c.crc32c(data[start : start + block_size]) != expected[block]:
             return block
     return None
+
+
+def narrowed(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The view of ``tensor`` at ``offsets`` with ``lengths`` in each dim."""
+    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+        tensor = tensor.narrow(dim, offset, length)
+    return tensor

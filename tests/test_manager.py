@@ -126,6 +126,7 @@ def test_a_kill_at_any_point_of_save_and_purge_leaves_a_loadable_latest_step(
         assert torch.equal(state["w"], weights(step)) and state["step"] == step
         outcomes.add((killed, step))
         if not killed:
+            print(f"{kill_at - 1} kill points, each leaving a loadable root")
             with CheckpointManager(root) as manager:
                 assert manager.all_steps() == [3]
             break

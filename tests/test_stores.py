@@ -81,7 +81,8 @@ class TestS3Store(StoreTests):
         assert traffic["received"] >= state["w"].nbytes
         assert traffic["requests"] >= 5  # create, three parts, complete (and the metadata)
         out = {"w": torch.zeros(3 << 20)}
-        distcp.load(out, storage_reader=distcp.FsspecReader(checkpoint_url, **storage_options))
+        reader = distcp.FsspecReader(checkpoint_url, **storage_options)
+        distcp.load(out, storage_reader=reader, no_dist=True)
         assert torch.equal(out["w"], state["w"])
         parts = writer.store.fs.call_s3("list_multipart_uploads", Bucket="distcp-tests")
         assert not parts.get("Uploads")  # none left open
@@ -158,5 +159,6 @@ def test_async_save_to_an_object_store(s3_server: LocalS3Server) -> None:
     writer = distcp.FsspecWriter(url, **s3_server.storage_options)
     distcp.async_save(state, storage_writer=writer, no_dist=True).result()
     out = {"w": torch.zeros(1000, 100)}
-    distcp.load(out, storage_reader=distcp.FsspecReader(url, **s3_server.storage_options))
+    reader = distcp.FsspecReader(url, **s3_server.storage_options)
+    distcp.load(out, storage_reader=reader, no_dist=True)
     assert torch.equal(out["w"], state["w"])

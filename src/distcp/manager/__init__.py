@@ -131,7 +131,8 @@ class CheckpointManager:
         return sorted(step for step, committed in self.steps.steps().items() if committed)
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None; every rank gets the coordinator's answer."""
+        """The newest committed step, or None. A collective: every rank calls
+        it and gets the coordinator's answer."""
         steps = self.all_steps() if self.is_coordinator else []
         latest = steps[-1] if steps else None
         chosen: int | None = self._broadcast(latest)
@@ -323,7 +324,11 @@ class CheckpointManager:
         self._finish_in_flight()
 
     def close(self) -> None:
-        """Wait for the save in flight and for retention; idempotent."""
+        """Wait for the save in flight and for retention; idempotent. A
+        collective: every rank calls it."""
+        self._close(synchronize=True)
+
+    def _close(self, *, synchronize: bool) -> None:
         if self._closed:
             return
         try:
@@ -331,7 +336,8 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._purger.shutdown(wait=True)
-        self._barrier()  # every rank sees the root as retention left it
+        if synchronize:
+            self._barrier()  # every rank sees the root as retention left it
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -340,8 +346,8 @@ class CheckpointManager:
         if error is None:
             self.close()
             return
-        try:  # leaving on an error: do not mask it with the save's
-            self.close()
+        try:  # leaving on an error: do not mask it, nor wait for ranks that may not come
+            self._close(synchronize=False)
         except Exception as close_error:
             log.warning("distcp: closing the checkpoint manager failed: %s", close_error)
 

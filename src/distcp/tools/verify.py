@@ -49,8 +49,15 @@ def verify_checkpoint(
     if kind == "safetensors":
         from distcp.safetensors_storage import SafetensorsReader
 
-        SafetensorsReader(location).read_metadata()  # headers, bounds, overlaps
-        return _result(kind, [], 0, 0, "safetensors has no checksums: headers and bounds checked")
+        reader = SafetensorsReader(location)
+        reader.read_metadata()  # headers, bounds, overlaps
+        return _result(
+            kind,
+            [],
+            len(reader.entries),
+            0,
+            "safetensors has no checksums: headers, bounds and overlaps checked",
+        )
     return _verify_zip(location)
 
 

@@ -148,7 +148,9 @@ class CheckpointManager:
     ) -> bool:
         """Save ``state`` as step ``step`` if ``step`` is a multiple of the
         interval (or ``force``); returns whether a save started (async) or
-        committed (sync). Raises a previous background save's error first."""
+        committed (sync). A call that saves first raises a previous
+        background save's error (every rank alike); one off the interval
+        returns False at once, without a collective."""
         self._check_open()
         if not force and step % self.interval:
             return False

@@ -85,4 +85,4 @@ COALESCE_GAP = _env_bytes("DISTCP_COALESCE_GAP", 1 << 20)
 #: batch of chunks is fetched while the current one is verified and copied, so
 #: about twice this is held at once (or one chunk's needed bytes, if larger).
 #: ``DISTCP_FETCH_BATCH``.
-FETCH_BATCH = _env_bytes("DISTCP_FETCH_BATCH", 128 << 20)
+FETCH_BATCH = _env_bytes("DISTCP_FETCH_BATCH", 32 << 20)

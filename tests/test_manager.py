@@ -287,3 +287,9 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     manager.close()
     with pytest.raises(distcp.CheckpointArgumentError, match="closed"):
         manager.save(1, state_at(1))
+
+
+def test_a_step_saved_without_the_manager_loads_through_it(tmp_path: Path) -> None:
+    distcp.save(state_at(5), checkpoint_id=tmp_path / "step-5", no_dist=True)
+    step, state = loaded_step(tmp_path)
+    assert step == 5 and torch.equal(state["w"], weights(5)) and state["step"] == 5

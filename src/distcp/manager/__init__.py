@@ -249,14 +249,9 @@ class CheckpointManager:
             if step is None:
                 return None
         location = self.steps.step_location(step)
-        reader = FileSystemReader(location, storage_options=self.storage_options)
-        keys = reader.read_metadata().state_dict_metadata
-        record_key = next(
-            (k for k in keys if k == MANAGER_KEY or k.startswith(MANAGER_KEY + ".")), None
-        )
         to_load: dict[str, Any] = {}
-        trainable = self._manager_record(location) if record_key is not None else {}
-        partial = bool(trainable.get("trainable_only"))
+        recorded = self._manager_record(location)
+        partial = bool(recorded.get("trainable_only"))
         for key, value in state.items():
             to_load[key] = (
                 TrainableOnly(value) if partial and isinstance(value, nn.Module) else value
@@ -276,7 +271,7 @@ class CheckpointManager:
             if not isinstance(value, TrainableOnly):
                 state[key] = value
         if partial:
-            self._load_frozen(state, str(trainable.get("base_checkpoint")))
+            self._load_frozen(state, str(recorded.get("base_checkpoint")))
         report = reader.report
         self._publish(
             {
@@ -292,6 +287,8 @@ class CheckpointManager:
         return step
 
     def _manager_record(self, location: str) -> dict[str, Any]:
+        """What the manager recorded in the checkpoint at ``location`` (its
+        fields are None in a checkpoint that ``distcp.save`` wrote)."""
         holder: dict[str, Any] = {
             MANAGER_KEY: {"step": None, "trainable_only": None, "base_checkpoint": None}
         }

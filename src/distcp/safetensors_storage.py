@@ -143,6 +143,9 @@ class SafetensorsReader(StorageReader):
 
 
 class _MappedFiles:
+    """The files a load reads, each mapped once. Opened following links, unlike
+    distcp's own data files: a Hugging Face cache folder is links into its blob store."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._maps: dict[str, tuple[mmap.mmap | None, torch.Tensor]] = {}

@@ -184,11 +184,9 @@ def verify(checkpoint: str, threads: int, as_json: bool) -> None:
       distcp verify ckpt/step-1000 && echo intact
       distcp verify ckpt/step-1000 --json
     """
-    from distcp.convert.sources import detect_format
     from distcp.tools import verify_checkpoint
 
     with _errors():
-        detect_format(checkpoint)
         total = _stored_bytes(checkpoint)
         with _progress(total, "verify") as advance:
             report = verify_checkpoint(checkpoint, threads=threads, on_progress=advance)
@@ -374,23 +372,19 @@ def convert(
     """
     from distcp.convert.export import convert as run
 
-    with _errors():
-        from distcp.convert.sources import detect_format
-
-        detect_format(src)
-        with _progress(0, "convert") as advance:
-            result = run(
-                src,
-                dst,
-                to=target,
-                keys=list(keys) or None,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                strip_prefix=strip_prefix,
-                add_prefix=add_prefix,
-                overwrite=overwrite,
-                on_progress=advance,
-            )
+    with _errors(), _progress(0, "convert") as advance:
+        result = run(
+            src,
+            dst,
+            to=target,
+            keys=list(keys) or None,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            strip_prefix=strip_prefix,
+            add_prefix=add_prefix,
+            overwrite=overwrite,
+            on_progress=advance,
+        )
     report = {
         "source_format": result.source_format,
         "target": result.target,

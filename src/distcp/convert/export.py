@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from distcp.convert.torch_save_writer import TensorStandIn, write_torch_save
 from distcp.errors import CheckpointArgumentError, CheckpointExistsError
 from distcp.filesystem.layout import METADATA_FILE_NAME
 from distcp.filesystem.writer import FileSystemWriter
-from distcp.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
+from distcp.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from distcp.planner import (
     BytesIOWriteData,
     SavePlan,
@@ -120,7 +119,9 @@ def convert(
             destination, entries, lambda name: fetch(names[name]), max_shard_size
         )
     elif to == "torch":
-        flat: dict[str, Any] = {key: TensorStandIn(key, *_pair(shapes[key])) for key in tensors}
+        flat: dict[str, Any] = {
+            key: TensorStandIn(key, shapes[key].dtype, shapes[key].shape) for key in tensors
+        }
         flat.update({key: source.read_value(key) for key in values})
         paths = {key: _renamed_path(source.paths.get(key, [key]), rename) for key in flat}
         write_torch_save(destination, nest_state_dict(flat, paths), fetch)
@@ -140,10 +141,6 @@ def convert(
         save({}, storage_writer=writer, planner=planner, no_dist=True)
         result.written = [destination]
     return result
-
-
-def _pair(info: TensorInfo) -> tuple[torch.dtype, tuple[int, ...]]:
-    return info.dtype, info.shape
 
 
 def _cast_info(info: TensorInfo, dtype: torch.dtype | None) -> TensorInfo:
@@ -196,8 +193,6 @@ def _clear_safetensors(folder: Path) -> None:
     for path in folder.glob("*.safetensors"):
         path.unlink()
     (folder / INDEX_FILE_NAME).unlink(missing_ok=True)
-    if folder.is_file():  # pragma: no cover - refused earlier
-        shutil.rmtree(folder)
 
 
 class StreamingSavePlanner(DefaultSavePlanner):
@@ -219,14 +214,6 @@ class StreamingSavePlanner(DefaultSavePlanner):
         self.tensor_keys, self.value_keys = tensors, values
         self.shapes, self.fetch = shapes, fetch
         self.torch_values = torch_values
-
-    def set_up_planner(
-        self,
-        state_dict: dict[str, Any],
-        storage_meta: StorageMeta | None = None,
-        is_coordinator: bool = False,
-    ) -> None:
-        super().set_up_planner(state_dict, storage_meta, is_coordinator)
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []

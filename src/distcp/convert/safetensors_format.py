@@ -235,7 +235,6 @@ def write_sharded(
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
     fetch: Callable[[str], torch.Tensor],
     max_shard_size: int | None,
-    on_written: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Hugging Face's sharded layout in ``folder``: files of at most
     ``max_shard_size`` tensor bytes (a larger tensor gets a file of its own)
@@ -258,14 +257,7 @@ def write_sharded(
         ]
     written = []
     for name, shard in zip(names, shards, strict=True):
-
-        def counted(key: str) -> torch.Tensor:
-            tensor = fetch(key)
-            if on_written is not None:
-                on_written(tensor.nbytes)
-            return tensor
-
-        write_safetensors(folder / name, shard, counted)
+        write_safetensors(folder / name, shard, fetch)
         written.append(folder / name)
     if len(shards) > 1:
         total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in tensors)

@@ -90,7 +90,6 @@ def write_torch_save(
     path: str | os.PathLike[str],
     state: Any,
     fetch: Callable[[str], torch.Tensor],
-    on_written: Callable[[int], None] | None = None,
 ) -> None:
     """Write ``state`` (containers and values, with :class:`TensorStandIn`
     where the tensors go) as a ``torch.save`` file at ``path``, fetching each
@@ -117,8 +116,6 @@ def write_torch_save(
             if tensor.storage_offset() or storage.nbytes() != stand_in.nbytes:
                 storage = tensor.clone().untyped_storage()  # a view into a larger buffer
             writer.write_record(f"data/{number}", storage, stand_in.nbytes)  # type: ignore[arg-type]
-            if on_written is not None:
-                on_written(stand_in.nbytes)
             del tensor, storage  # written: let it go before the next one is read
         writer.write_end_of_file()
         del writer

@@ -59,7 +59,7 @@ from distcp.metadata import (
 from distcp.metadata_file import decode_metadata
 from distcp.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from distcp.storage import StorageReader, done_future
-from distcp.stores import ByteStore, LocalStore, split_url, store_for
+from distcp.stores import ByteStore, LocalStore, location_of, split_url, store_for
 from distcp.stores.base import DataSource, SourceSet
 from distcp.torch_dcp import TorchDcpCheckpoint, is_torch_dcp_checkpoint
 
@@ -119,8 +119,7 @@ class FileSystemReader(StorageReader):
     @property
     def path(self) -> Path | str:
         """The checkpoint's location: a directory, or a URL for other stores."""
-        store = self.store
-        return store.path if isinstance(store, LocalStore) else store.location
+        return location_of(self.store)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:

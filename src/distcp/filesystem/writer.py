@@ -42,7 +42,7 @@ from distcp.metadata import Metadata, StorageInfo, StorageMeta
 from distcp.metadata_file import encode_metadata
 from distcp.planner import SavePlan, SavePlanner, WriteItem, WriteItemType, item_nbytes
 from distcp.storage import StorageWriter, WriteResult, done_future
-from distcp.stores import ByteStore, store_for
+from distcp.stores import ByteStore, location_of, store_for
 from distcp.stores.base import NO_LOCK, DataSink, SaveLock
 
 __all__ = ["FileSystemWriter"]
@@ -152,8 +152,7 @@ class FileSystemWriter(StorageWriter):
     @property
     def path(self) -> Path | str:
         """The checkpoint's location: a directory, or a URL for other stores."""
-        location = self.store.location
-        return Path(location) if self.store.capabilities.atomic_rename else location
+        return location_of(self.store)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:

@@ -16,6 +16,7 @@ from distcp.stores import split_url
 
 __all__ = ["STEP_NAME", "StepDirectories"]
 
+#: ``step-<N>``: a step's directory under a manager's root (also what ``distcp ls`` lists).
 STEP_NAME = re.compile(r"step-(\d+)")
 
 

@@ -10,6 +10,7 @@ knows a store by name.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from distcp.errors import CheckpointArgumentError
@@ -23,6 +24,7 @@ __all__ = [
     "LocalStore",
     "SourceSet",
     "StoreCapabilities",
+    "location_of",
     "split_url",
     "store_for",
 ]
@@ -63,3 +65,9 @@ def store_for(
     from distcp.stores.fsspec_store import FsspecStore  # fsspec is an optional extra
 
     return FsspecStore(text, storage_options, **store_options)
+
+
+def location_of(store: ByteStore) -> Path | str:
+    """Where a storage says its checkpoint is (``path``, ``checkpoint_id``):
+    the directory for a local store, the URL for any other."""
+    return store.path if isinstance(store, LocalStore) else store.location

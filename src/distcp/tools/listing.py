@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from distcp.errors import CheckpointNotFoundError
 from distcp.filesystem.layout import METADATA_FILE_NAME, is_data_file_name
+from distcp.manager.steps import STEP_NAME
 
-__all__ = ["STEP_DIRECTORY", "list_checkpoints"]
-
-#: ``step-<N>``, the name a checkpoint manager gives each step's directory.
-STEP_DIRECTORY = re.compile(r"step-(\d+)")
+__all__ = ["list_checkpoints"]
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -28,7 +25,7 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     now = time.time()
     found = []
     for entry in base.iterdir():
-        match = STEP_DIRECTORY.fullmatch(entry.name)
+        match = STEP_NAME.fullmatch(entry.name)
         if match is None or not entry.is_dir():
             continue
         files = [f for f in entry.iterdir() if f.is_file() and not f.is_symlink()]

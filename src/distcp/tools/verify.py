@@ -105,8 +105,11 @@ def _verify_distcp(
                         "problem": f"{actual} bytes, the metadata records {expected}",
                     }
                 )
+            # One read buffer per file, reused for every item in it.
+            largest_block = max((info.checksum_block_size for _, info in items), default=1)
+            view = memoryview(bytearray(max(_READ_SIZE, largest_block)))
             for index, info in items:
-                problem = _check_item(fd, info, actual, on_progress)
+                problem = _check_item(fd, info, actual, view, on_progress)
                 if problem is not None:
                     damaged.append(_damage(index, name, *problem))
         finally:
@@ -127,18 +130,21 @@ def _damage(index: MetadataIndex, file: str, offset: int, problem: str) -> dict[
 
 
 def _check_item(
-    fd: int, info: StorageInfo, size: int, on_progress: Callable[[int], None] | None
+    fd: int,
+    info: StorageInfo,
+    size: int,
+    view: memoryview,
+    on_progress: Callable[[int], None] | None,
 ) -> tuple[int, str] | None:
-    """The first bad block of one item as ``(file offset, problem)``, or None."""
+    """The first bad block of one item as ``(file offset, problem)``, or
+    None; ``view`` is a read buffer of at least one checksum block."""
     if info.offset + info.length > size:
         return info.offset, f"bytes [{info.offset}, {info.offset + info.length}) pass the end"
     block = info.checksum_block_size
-    buffer = bytearray(max(block, min(_READ_SIZE, info.length)) if info.length else 0)
-    view = memoryview(buffer)
     done = 0
     number = 0
     while done < info.length:
-        want = min(len(buffer) // block * block or block, info.length - done)
+        want = min(len(view) // block * block, info.length - done)
         got = os.preadv(fd, [view[:want]], info.offset + done)
         if got != want:
             return info.offset + done, "short read"

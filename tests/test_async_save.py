@@ -23,6 +23,7 @@ from distcp.async_save import staging_buffers, writer_process
 from distcp.planner import SavePlan
 from distcp.storage import WriteResult
 from distcp.testing import RankPool
+from snapshots import checkpoint_bytes
 
 PoolFactory = Callable[[int], RankPool]
 
@@ -77,7 +78,7 @@ def test_planning_errors_reach_the_future_and_the_last_checkpoint_survives(
     tmp_path: Path, kind: distcp.AsyncCheckpointerType
 ) -> None:
     distcp.save(state(), checkpoint_id=tmp_path, no_dist=True)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = checkpoint_bytes(tmp_path)
     bad = state()
     bad["fn"] = lambda: None  # not encodable without pickle: refused while planning
     future = distcp.async_save(
@@ -85,7 +86,7 @@ def test_planning_errors_reach_the_future_and_the_last_checkpoint_survives(
     )
     with pytest.raises(distcp.UnsupportedValueError, match="'fn'"):
         future.result(timeout=60)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert checkpoint_bytes(tmp_path) == before
 
 
 class FailingWriter(distcp.FileSystemWriter):
@@ -106,13 +107,13 @@ def test_write_errors_reach_the_future_and_the_last_checkpoint_survives(
     tmp_path: Path, kind: distcp.AsyncCheckpointerType
 ) -> None:
     distcp.save(state(), checkpoint_id=tmp_path, no_dist=True)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = checkpoint_bytes(tmp_path)
     future = distcp.async_save(
         state(), storage_writer=FailingWriter(tmp_path), no_dist=True, async_checkpointer_type=kind
     )
     with pytest.raises(distcp.DistributedCheckpointError, match="No space left"):
         future.result(timeout=60)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert checkpoint_bytes(tmp_path) == before
 
 
 def test_a_dead_writer_process_fails_the_save_and_the_next_one_starts_afresh(
@@ -120,7 +121,7 @@ def test_a_dead_writer_process_fails_the_save_and_the_next_one_starts_afresh(
 ) -> None:
     process = distcp.AsyncCheckpointerType.PROCESS
     distcp.save(state(), checkpoint_id=tmp_path / "ckpt", no_dist=True)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    before = checkpoint_bytes(tmp_path / "ckpt")
     future = distcp.async_save(
         state(),
         storage_writer=DyingWriter(tmp_path / "ckpt"),
@@ -129,7 +130,7 @@ def test_a_dead_writer_process_fails_the_save_and_the_next_one_starts_afresh(
     )
     with pytest.raises(distcp.CheckpointError, match=r"writer process .* died with exit code 3"):
         future.result(timeout=60)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert checkpoint_bytes(tmp_path / "ckpt") == before
     live = state()
     distcp.async_save(
         live, checkpoint_id=tmp_path / "next", no_dist=True, async_checkpointer_type=process

@@ -11,10 +11,7 @@ import torch
 import distcp
 from distcp.filesystem.directory_lock import lock_file_name
 from distcp.filesystem.layout import METADATA_FILE_NAME, PROBE_FILE_NAME
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+from snapshots import checkpoint_bytes as snapshot
 
 
 def test_metadata_is_the_commit_marker(tmp_path: Path) -> None:

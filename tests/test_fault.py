@@ -22,6 +22,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 import distcp
 from distcp.filesystem import layout
 from distcp.testing import RankPool
+from snapshots import checkpoint_bytes as snapshot
 
 PoolFactory = Callable[[int], RankPool]
 METADATA = ".metadata.distcp"
@@ -48,10 +49,6 @@ def rank_state(world_size: int, version: int) -> dict[str, Any]:
         mesh = init_device_mesh("cpu", (world_size,))
         state["w"] = distribute_tensor(state["w"], mesh, [Shard(0)], src_data_rank=None)
     return state
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
 def assert_previous_checkpoint_intact(path: Path, before: dict[str, bytes], version: int) -> None:
